@@ -1,0 +1,257 @@
+"""The paper's networks (SPEC.md 4): Conv6 and ResNet18/34/50/101 at any width, built from
+supermask layers, a name registry (`create_model`) and parameter counting.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .supermask import SparseConv2d, SparseLinear, SparseMixin
+
+if TYPE_CHECKING:
+    from .config import TrialConfig
+
+
+@dataclass(frozen=True)
+class Layers:
+    """How to build each kind of layer, taken from a TrialConfig; passed to the networks."""
+
+    sparsity: Optional[float] = None        # None: dense layers without scores (SGD baseline)
+    linear_sparsity: Optional[float] = None
+    init_mode: str = "kaiming_uniform"
+    init_mode_linear: Optional[str] = None
+    init_scale: float = 1.0
+    init_mode_mask: str = "kaiming_uniform"
+    init_scale_score: float = 1.0
+    bn_affine: bool = True
+    bn_track_running_stats: bool = True
+    bn_momentum: float = 0.1
+
+    @classmethod
+    def from_config(cls, cfg: "TrialConfig") -> "Layers":
+        masked = cfg.train_mode == "score_only"
+        return cls(
+            sparsity=cfg.conv_sparsity if masked else None,
+            linear_sparsity=cfg.linear_sparsity if masked else None,
+            init_mode=cfg.init_mode, init_mode_linear=cfg.init_mode_linear, init_scale=cfg.init_scale,
+            init_mode_mask=cfg.init_mode_mask, init_scale_score=cfg.init_scale_score,
+            bn_affine=cfg.bn_affine, bn_track_running_stats=cfg.bn_track_running_stats,
+            bn_momentum=cfg.bn_momentum)
+
+    def _score_kwargs(self) -> dict:
+        return dict(init_mode_mask=self.init_mode_mask, init_scale_score=self.init_scale_score)
+
+    def conv(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0,
+             bias: bool = False) -> SparseConv2d:
+        return SparseConv2d(cin, cout, kernel, stride, padding, bias, sparsity=self.sparsity,
+                            init_mode=self.init_mode, init_scale=self.init_scale, **self._score_kwargs())
+
+    def linear(self, fin: int, fout: int, last: bool = False) -> SparseLinear:
+        sparsity = self.sparsity
+        if last and self.sparsity is not None and self.linear_sparsity is not None:
+            sparsity = self.linear_sparsity
+        init_mode = (self.init_mode_linear or self.init_mode) if last else self.init_mode
+        return SparseLinear(fin, fout, bias=True, sparsity=sparsity, init_mode=init_mode,
+                            init_scale=self.init_scale, **self._score_kwargs())
+
+    def bn(self, channels: int) -> nn.BatchNorm2d:
+        return nn.BatchNorm2d(channels, momentum=self.bn_momentum, affine=self.bn_affine,
+                              track_running_stats=self.bn_track_running_stats)
+
+
+# ----------------------------------------------------------------------------- Conv6
+
+
+class Conv6(nn.Module):
+    """Six 3x3 convs (64f, 64f, pool, 128f, 128f, pool, 256f, 256f, pool) and three FC layers."""
+
+    def __init__(self, width: float = 1.0, num_classes: int = 10, layers: Layers = Layers(),
+                 image_size: int = 32) -> None:
+        super().__init__()
+        c1, c2, c3 = int(64 * width), int(128 * width), int(256 * width)
+        convs: list[nn.Module] = []
+        cin = 3
+        for cout in (c1, c1, "pool", c2, c2, "pool", c3, c3, "pool"):
+            if cout == "pool":
+                convs.append(nn.MaxPool2d(2))
+            else:
+                convs += [layers.conv(cin, cout, 3, padding=1, bias=True), nn.ReLU(inplace=True)]
+                cin = cout
+        self.features = nn.Sequential(*convs)
+        side = image_size // 8
+        self.classifier = nn.Sequential(
+            layers.linear(c3 * side * side, c3), nn.ReLU(inplace=True),
+            layers.linear(c3, c3), nn.ReLU(inplace=True),
+            layers.linear(c3, num_classes, last=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+# ----------------------------------------------------------------------------- ResNet
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int, layers: Layers) -> None:
+        super().__init__()
+        self.conv1 = layers.conv(cin, planes, 3, stride, 1)
+        self.bn1 = layers.bn(planes)
+        self.conv2 = layers.conv(planes, planes, 3, 1, 1)
+        self.bn2 = layers.bn(planes)
+        self.shortcut = _shortcut(cin, planes * self.expansion, stride, layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, layers: Layers) -> None:
+        super().__init__()
+        self.conv1 = layers.conv(cin, planes, 1)
+        self.bn1 = layers.bn(planes)
+        self.conv2 = layers.conv(planes, planes, 3, stride, 1)
+        self.bn2 = layers.bn(planes)
+        self.conv3 = layers.conv(planes, planes * self.expansion, 1)
+        self.bn3 = layers.bn(planes * self.expansion)
+        self.shortcut = _shortcut(cin, planes * self.expansion, stride, layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+def _shortcut(cin: int, cout: int, stride: int, layers: Layers) -> nn.Module:
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(layers.conv(cin, cout, 1, stride), layers.bn(cout))
+
+
+class ResNet(nn.Module):
+    """ResNet with a 64-channel stem whatever the width; CIFAR stem at 32 px, ImageNet stem at 224."""
+
+    def __init__(self, block: type, num_blocks: list[int], width: float = 1.0, num_classes: int = 10,
+                 layers: Layers = Layers(), image_size: int = 32) -> None:
+        super().__init__()
+        stem = 64
+        if image_size >= 64:  # ImageNet-style: 7x7/2 conv, then 3x3/2 max-pool
+            self.stem = nn.Sequential(layers.conv(3, stem, 7, 2, 3), layers.bn(stem), nn.ReLU(inplace=True),
+                                      nn.MaxPool2d(3, 2, 1))
+        else:
+            self.stem = nn.Sequential(layers.conv(3, stem, 3, 1, 1), layers.bn(stem), nn.ReLU(inplace=True))
+        cin = stem
+        stages = []
+        for i, (n, stride) in enumerate(zip(num_blocks, (1, 2, 2, 2))):
+            planes = int(64 * 2 ** i * width)
+            blocks = []
+            for s in [stride] + [1] * (n - 1):
+                blocks.append(block(cin, planes, s, layers))
+                cin = planes * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = layers.linear(cin, num_classes, last=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+# ----------------------------------------------------------------------------- registry
+
+_FAMILIES: dict[str, Callable[..., nn.Module]] = {}
+_REGISTRY: dict[str, tuple[str, float]] = {}  # name -> (family, width)
+PAPER_WIDTHS = (0.25, 0.5, 1.0, 2.0)
+
+
+def register_model(family: str) -> Callable:
+    """Register a network family; `create_model('<family>x<width>')` then builds it at that width."""
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _FAMILIES[family] = fn
+        return fn
+    return wrap
+
+
+@register_model("conv6")
+def conv6(width: float, num_classes: int, layers: Layers, image_size: int) -> nn.Module:
+    return Conv6(width, num_classes, layers, image_size)
+
+
+@register_model("resnet18")
+def resnet18(width: float, num_classes: int, layers: Layers, image_size: int) -> nn.Module:
+    return ResNet(BasicBlock, [2, 2, 2, 2], width, num_classes, layers, image_size)
+
+
+@register_model("resnet34")
+def resnet34(width: float, num_classes: int, layers: Layers, image_size: int) -> nn.Module:
+    return ResNet(BasicBlock, [3, 4, 6, 3], width, num_classes, layers, image_size)
+
+
+@register_model("resnet50")
+def resnet50(width: float, num_classes: int, layers: Layers, image_size: int) -> nn.Module:
+    return ResNet(Bottleneck, [3, 4, 6, 3], width, num_classes, layers, image_size)
+
+
+@register_model("resnet101")
+def resnet101(width: float, num_classes: int, layers: Layers, image_size: int) -> nn.Module:
+    return ResNet(Bottleneck, [3, 4, 23, 3], width, num_classes, layers, image_size)
+
+
+for _family in _FAMILIES:
+    _REGISTRY[_family] = (_family, 1.0)
+for _family in ("conv6", "resnet18", "resnet34"):
+    for _w in PAPER_WIDTHS:
+        _REGISTRY[f"{_family}x{_w}"] = (_family, _w)
+
+_NAME = re.compile(r"^([a-z]+[0-9]*)(?:x([0-9]*\.?[0-9]+))?$")
+
+
+def _parse(name: str) -> Optional[tuple[str, float]]:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    m = _NAME.match(name)  # any other width of a known family, e.g. conv6x0.75
+    if m and m.group(1) in _FAMILIES and m.group(2) is not None and float(m.group(2)) > 0:
+        return m.group(1), float(m.group(2))
+    return None
+
+
+def model_names() -> list[str]:
+    """The names the paper's experiments use (other widths `<family>x<w>` are accepted too)."""
+    return sorted(_REGISTRY)
+
+
+def is_known_model(name: str) -> bool:
+    return _parse(name) is not None
+
+
+def create_model(name: str, config: Optional["TrialConfig"] = None, num_classes: int = 10,
+                 image_size: int = 32, layers: Optional[Layers] = None) -> nn.Module:
+    """Build a registered network; layer settings (sparsity, init, BN) come from `config`,
+    or from an explicit `layers` factory (e.g. one that builds plain torch layers)."""
+    parsed = _parse(name)
+    if parsed is None:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
+    family, width = parsed
+    if layers is None:
+        layers = Layers.from_config(config) if config is not None else Layers()
+    return _FAMILIES[family](width, num_classes, layers, image_size)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Weights before pruning (scores excluded) and after: minus int(numel * p) per score tensor."""
+    before = sum(p.numel() for name, p in model.named_parameters() if not name.endswith("scores"))
+    pruned = sum(int(m.scores.numel() * m.sparsity) for m in model.modules()
+                 if isinstance(m, SparseMixin) and m.scores is not None)
+    return {"params_before_pruning": before, "params_after_pruning": before - pruned}

@@ -1,0 +1,208 @@
+"""Supermask layers: the edge-popup mask rule, SparseConv2d / SparseLinear, weight and score
+initialisation, and IteRand's in-place re-randomisation of pruned weights (SPEC.md 1-3).
+
+Nothing here reads a tensor back to the host: thresholds stay on the tensor's device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+RELU_GAIN = math.sqrt(2.0)
+
+
+def mask_k(numel: int, sparsity: float) -> int:
+    """1-based rank of the threshold score: k = 1 + round(p * (n - 1)) (Python round, half to even)."""
+    return 1 + round(sparsity * (numel - 1))
+
+
+def _threshold(scores: Tensor, k: int) -> Tensor:
+    """The k-th smallest score, as a 0-d tensor on the scores' device (no host sync on GPUs)."""
+    flat = scores.detach().reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        # numpy's introselect is about twice as fast as torch.kthvalue on CPU, and the
+        # threshold is recomputed for every layer at every step.
+        return torch.from_numpy(np.partition(flat.numpy(), k - 1)[k - 1:k]).reshape(())
+    return torch.kthvalue(flat, k).values
+
+
+class _Supermask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores: Tensor, k: int) -> Tensor:  # type: ignore[override]
+        return (scores >= _threshold(scores, k)).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad, None  # straight-through: dL/dS = dL/dM
+
+
+def supermask(scores: Tensor, sparsity: float) -> Tensor:
+    """0/1 mask of `scores`' shape keeping scores >= the k-th smallest (SPEC 1), straight-through."""
+    return _Supermask.apply(scores, mask_k(scores.numel(), sparsity))
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """W * M(S) in one node: saves a bool mask instead of a float one and skips dL/dW when frozen."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, scores: Tensor, k: int) -> Tensor:  # type: ignore[override]
+        keep = scores >= _threshold(scores, k)
+        ctx.save_for_backward(weight, keep)
+        return weight * keep
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        weight, keep = ctx.saved_tensors
+        grad_w = grad * keep if ctx.needs_input_grad[0] else None
+        grad_s = grad * weight if ctx.needs_input_grad[1] else None  # straight-through mask
+        return grad_w, grad_s, None
+
+
+def masked_weight(weight: Tensor, scores: Tensor, sparsity: float) -> Tensor:
+    """`weight * supermask(scores, sparsity)` with the same gradients, in one autograd node."""
+    return _MaskedWeight.apply(weight, scores, mask_k(scores.numel(), sparsity))
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def fan_in(t: Tensor) -> int:
+    return t[0].numel()  # in_features, or in_channels/groups * kernel area
+
+
+def init_(t: Tensor, mode: str, scale: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Fill `t` in place from one of SPEC 2's distributions (fan_in, ReLU gain) times `scale`."""
+    with torch.no_grad():
+        if mode == "kaiming_uniform":
+            bound = scale * RELU_GAIN * math.sqrt(3.0 / fan_in(t))
+            return t.uniform_(-bound, bound, generator=generator)
+        if mode == "kaiming_normal":
+            return t.normal_(0.0, scale * RELU_GAIN / math.sqrt(fan_in(t)), generator=generator)
+        if mode == "uniform(-1,1)":
+            return t.uniform_(-scale, scale, generator=generator)
+        if mode == "signed_constant":
+            c = scale * RELU_GAIN / math.sqrt(fan_in(t))
+            return t.bernoulli_(0.5, generator=generator).mul_(2.0 * c).sub_(c)
+    raise ValueError(f"unknown init mode {mode!r}")
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class SparseMixin:
+    """Shared state of a prunable layer: frozen random `weight`, trainable `scores`, sparsity p.
+
+    With `sparsity=None` the layer is dense (no scores): the SGD baseline uses it.
+    """
+
+    weight: Tensor
+    scores: Optional[nn.Parameter]
+
+    def _setup_sparse(self, sparsity: Optional[float], init_mode: str, init_scale: float,
+                      init_mode_mask: str, init_scale_score: float) -> None:
+        self.init_mode = init_mode
+        self.init_scale = init_scale
+        init_(self.weight, init_mode, init_scale)
+        if getattr(self, "bias", None) is not None:
+            nn.init.zeros_(self.bias)
+        if sparsity is None:
+            self.register_parameter("scores", None)
+        else:
+            if not 0.0 <= sparsity < 1.0:
+                raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+            self.scores = nn.Parameter(init_(torch.empty_like(self.weight), init_mode_mask, init_scale_score))
+        self.sparsity = sparsity
+        # Scratch space for rerandomize_, allocated on first use and reused (moves with .to()).
+        self.register_buffer("_rerand_draw", None, persistent=False)
+        self.register_buffer("_rerand_pick", None, persistent=False)
+
+    def effective_weight(self) -> Tensor:
+        if self.scores is None:
+            return self.weight
+        return masked_weight(self.weight, self.scores, self.sparsity)
+
+    @torch.no_grad()
+    def rerandomize_(self, mode: str, rerand_lambda: float, rerand_mu: Optional[float] = None,
+                     rerand_rate: float = 1.0) -> None:
+        """Re-draw pruned weights in place (SPEC 3); kept weights and scores never change."""
+        if self.scores is None:
+            return
+        w = self.weight
+        if self._rerand_draw is None or self._rerand_draw.shape != w.shape:
+            self._rerand_draw = torch.empty_like(w)
+            self._rerand_pick = torch.empty_like(w)
+        draw, pick = self._rerand_draw, self._rerand_pick
+        # pruned = 1 where S < t(p * rate): the complement of that mask.
+        t = _threshold(self.scores, mask_k(self.scores.numel(), self.sparsity * rerand_rate))
+        pick.copy_(self.scores).lt_(t)
+        if mode == "bernoulli":
+            # pick <- pruned * B, B ~ Bernoulli(r); W <- W * (1 - pick) + R * pick, exact for 0/1 picks.
+            draw.bernoulli_(rerand_lambda)
+            pick.mul_(draw)
+            init_(draw, self.init_mode, self.init_scale)
+            draw.mul_(pick)
+            w.mul_(pick.neg_().add_(1.0)).add_(draw)
+        elif mode == "manual":
+            if rerand_mu is None:
+                raise ValueError("rerand_mode 'manual' needs rerand_mu")
+            # W <- M*W + (1-M)*(lambda*W + mu*R) = W * (1 - P*(1-lambda)) + P*mu*R with P = 1-M.
+            init_(draw, self.init_mode, self.init_scale)
+            draw.mul_(pick).mul_(rerand_mu)
+            w.mul_(pick.mul_(rerand_lambda - 1.0).add_(1.0)).add_(draw)
+        else:
+            raise ValueError(f"unknown rerand mode {mode!r}")
+
+    def extra_repr(self) -> str:  # type: ignore[misc]
+        return super().extra_repr() + f", sparsity={self.sparsity}, init={self.init_mode}"  # type: ignore[misc]
+
+
+class SparseConv2d(SparseMixin, nn.Conv2d):
+    """nn.Conv2d whose forward uses `weight * supermask(scores, sparsity)`."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, bias: bool = False, *, sparsity: Optional[float] = None,
+                 init_mode: str = "kaiming_uniform", init_scale: float = 1.0,
+                 init_mode_mask: str = "kaiming_uniform", init_scale_score: float = 1.0) -> None:
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride,
+                           padding=padding, bias=bias)
+        self._setup_sparse(sparsity, init_mode, init_scale, init_mode_mask, init_scale_score)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+
+class SparseLinear(SparseMixin, nn.Linear):
+    """nn.Linear whose forward uses `weight * supermask(scores, sparsity)`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 sparsity: Optional[float] = None, init_mode: str = "kaiming_uniform",
+                 init_scale: float = 1.0, init_mode_mask: str = "kaiming_uniform",
+                 init_scale_score: float = 1.0) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias=bias)
+        self._setup_sparse(sparsity, init_mode, init_scale, init_mode_mask, init_scale_score)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+
+# ----------------------------------------------------------------------------- model-level
+
+
+def sparse_layers(model: nn.Module) -> Iterator[SparseMixin]:
+    """Every prunable layer of `model` that holds scores."""
+    for m in model.modules():
+        if isinstance(m, SparseMixin) and m.scores is not None:
+            yield m
+
+
+def rerandomize_(model: nn.Module, mode: str, rerand_lambda: float, rerand_mu: Optional[float] = None,
+                 rerand_rate: float = 1.0) -> None:
+    """Re-randomise the pruned weights of every prunable layer of `model` in place (SPEC 3)."""
+    for layer in sparse_layers(model):
+        layer.rerandomize_(mode, rerand_lambda, rerand_mu, rerand_rate)

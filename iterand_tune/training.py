@@ -1,0 +1,236 @@
+"""Trainer: one trial of SGD / edge-popup / IteRand (SPEC.md 6), epoch by epoch, on the trial's
+device, with a state_dict that resumes bit-exactly (model, optimizer, schedule position,
+iteration counter, best-so-far and every RNG state).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import random
+import time
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TrialConfig
+from .data import Loaders, make_loaders
+from .models import count_parameters, create_model
+from .supermask import rerandomize_
+
+Device = Union[str, torch.device, None]
+
+
+def lr_at(cfg: TrialConfig, epoch: int) -> float:
+    """Learning rate of 0-based `epoch`: set once, before the epoch runs (SPEC 6)."""
+    if cfg.lr_scheduler == "CustomCosineLR":
+        w, f, e_total = cfg.warmup_epochs, cfg.finetuning_epochs, cfg.epochs
+        if epoch < w:
+            return cfg.lr * (epoch + 1) / w
+        if epoch >= e_total - f:
+            return cfg.finetuning_lr
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - w) / (e_total - w - f))) * cfg.lr
+    if cfg.lr_scheduler == "MultiStepLR":
+        return cfg.lr * cfg.multisteplr_gamma ** bisect.bisect_right(cfg.lr_milestones, epoch)
+    return cfg.lr
+
+
+def resolve_device(cfg: TrialConfig, device: Device = None) -> torch.device:
+    """The trial's device: the one given, else CUDA when allowed and present, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if cfg.use_cuda and torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+class Trainer:
+    """Trains one TrialConfig. `train_epoch()` runs one epoch and returns its metrics (DESIGN);
+    after the last epoch they include `test_acc` and `test_loss`. Accuracies are percentages."""
+
+    def __init__(self, config: TrialConfig, device: Device = None) -> None:
+        self.config = cfg = config
+        self.device = resolve_device(cfg, device)
+        seed_everything(cfg.seed)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.deterministic = cfg.deterministic
+            torch.backends.cudnn.benchmark = not cfg.deterministic
+        # Data order and augmentation draw from their own generator, so that they do not
+        # depend on how many numbers model init or re-randomisation consumed.
+        self.data_generator = torch.Generator(device=self.device)
+        self.data_generator.manual_seed(cfg.seed)
+        self.loaders: Loaders = make_loaders(cfg, self.device, self.data_generator)
+        info = self.loaders.info
+        self.model = create_model(cfg.model, cfg, info.num_classes, info.image_size).to(self.device)
+        score_only = cfg.train_mode == "score_only"
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name.endswith("scores") if score_only else True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.optimizer == "SGD":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.param_counts = count_parameters(self.model)
+        self.epoch = 0          # epochs completed (= position of the LR schedule)
+        self.iteration = 0      # training iterations completed, over all epochs
+        self.best_val_acc = -1.0
+        self.best_epoch = 0
+
+    # ------------------------------------------------------------------ schedule
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.config.epochs
+
+    @property
+    def iters_per_epoch(self) -> int:
+        n = len(self.loaders.train)
+        return min(n, self.config.debug_max_iters) if self.config.debug_max_iters else n
+
+    @property
+    def rerand_interval(self) -> Optional[int]:
+        """Iterations between re-randomisations, or None when IteRand is off."""
+        cfg = self.config
+        if cfg.rerand_mode is None or cfg.train_mode != "score_only":
+            return None
+        if cfg.rerand_freq_unit == "epoch":  # rerand_freq times an epoch
+            return max(1, self.iters_per_epoch // cfg.rerand_freq)
+        return cfg.rerand_freq
+
+    # ------------------------------------------------------------------ loops
+
+    def train_epoch(self) -> dict[str, Any]:
+        """Run the next epoch; return its metrics (and test metrics after the last epoch)."""
+        if self.done:
+            raise RuntimeError("all epochs are done")
+        cfg, model, opt = self.config, self.model, self.optimizer
+        start = time.perf_counter()
+        lr = lr_at(cfg, self.epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        interval = self.rerand_interval
+        model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
+        for i, (x, y) in enumerate(self.loaders.train):
+            if i >= self.iters_per_epoch:
+                break
+            if interval is not None and (self.iteration + 1) % interval == 0:
+                rerandomize_(model, cfg.rerand_mode, cfg.rerand_lambda, cfg.rerand_mu, cfg.rerand_rate)
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            # Accumulate on the device; read back once per epoch.
+            loss_sum += loss.detach() * y.shape[0]
+            correct += (out.detach().argmax(1) == y).sum()
+            seen += y.shape[0]
+            self.iteration += 1
+        val_loss, val_acc = self.evaluate("val")
+        self.epoch += 1
+        if val_acc > self.best_val_acc:
+            self.best_val_acc, self.best_epoch = val_acc, self.epoch
+        metrics: dict[str, Any] = {
+            "epoch": self.epoch,
+            "train_acc": 100.0 * correct.item() / max(seen, 1),
+            "train_loss": loss_sum.item() / max(seen, 1),
+            "val_acc": val_acc,
+            "val_loss": val_loss,
+            "best_val_acc": self.best_val_acc,
+            "best_epoch": self.best_epoch,
+            "lr": lr,
+            "iterations": self.iteration,
+            **self.param_counts,
+        }
+        if self.done:
+            test_loss, test_acc = self.evaluate("test")
+            metrics.update(test_acc=test_acc, test_loss=test_loss)
+        metrics["epoch_seconds"] = time.perf_counter() - start
+        return metrics
+
+    def fit(self) -> Iterator[dict[str, Any]]:
+        """Yield the metrics of every remaining epoch."""
+        while not self.done:
+            yield self.train_epoch()
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "val") -> tuple[float, float]:
+        """(mean loss, accuracy %) of the current model on `val` or `test`."""
+        loader = self.loaders.val if split == "val" else self.loaders.test
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
+        for x, y in loader:
+            out = self.model(x)
+            loss_sum += F.cross_entropy(out, y, reduction="sum")
+            correct += (out.argmax(1) == y).sum()
+            seen += y.shape[0]
+        return loss_sum.item() / max(seen, 1), 100.0 * correct.item() / max(seen, 1)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-exactly; loadable with torch.load(weights_only=True)."""
+        np_state = np.random.get_state(legacy=False)
+        rng = {
+            "python": random.getstate(),
+            "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                      "pos": int(np_state["state"]["pos"]),
+                      "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+            "torch": torch.get_rng_state(),
+            "data": self.data_generator.get_state(),
+        }
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "best_val_acc": self.best_val_acc,
+            "best_epoch": self.best_epoch,
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = TrialConfig.from_dict(state["config"])
+        for key in ("model", "dataset", "train_mode", "seed"):
+            if getattr(saved, key) != getattr(self.config, key):
+                raise ValueError(f"checkpoint is for {key}={getattr(saved, key)!r}, "
+                                 f"this trainer has {getattr(self.config, key)!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.iteration = int(state["epoch"]), int(state["iteration"])
+        self.best_val_acc, self.best_epoch = float(state["best_val_acc"]), int(state["best_epoch"])
+        rng = state["rng"]
+        random.setstate(_as_tuple(rng["python"]))
+        npr = rng["numpy"]
+        np.random.set_state({"bit_generator": "MT19937",
+                             "state": {"key": npr["key"].numpy().astype(np.uint32), "pos": npr["pos"]},
+                             "has_gauss": npr["has_gauss"], "gauss": npr["gauss"]})
+        torch.set_rng_state(rng["torch"])
+        self.data_generator.set_state(rng["data"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def save(self, path: str) -> None:
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: str) -> None:
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _as_tuple(x: Any) -> Any:
+    # random.setstate wants tuples all the way down; serialisers may hand back lists.
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
