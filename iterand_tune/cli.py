@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -30,6 +31,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="start from the paper's option set for this method (SPEC 7)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a TrialConfig option, e.g. --set lr=0.1 (repeatable)")
+    train.add_argument("--data-dir", help="dataset folder (same as --set dataset_dir=DIR)")
+    train.add_argument("--download", action="store_true",
+                       help="download the dataset if absent (same as --set dataset_download=true)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
     train.add_argument("--json", action="store_true", help="print each epoch's metrics as JSON")
     return parser
@@ -51,6 +55,10 @@ def _train(args: argparse.Namespace) -> int:
 
     values = dict(METHODS[args.method]) if args.method else {}
     values.update(overrides_to_dict(args.overrides))
+    if args.data_dir:
+        values["dataset_dir"] = os.path.abspath(args.data_dir)
+    if args.download:
+        values["dataset_download"] = True
     cfg = TrialConfig.from_dict(values)
     try:
         trainer = Trainer(cfg, device=args.device)

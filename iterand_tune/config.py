@@ -185,7 +185,10 @@ def _coerce_types(cfg: TrialConfig) -> None:
         elif base is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if ok:
-                object.__setattr__(cfg, f.name, float(value))
+                try:
+                    object.__setattr__(cfg, f.name, float(value))
+                except OverflowError:
+                    ok = False
         elif base is str:
             ok = isinstance(value, str)
         elif base is tuple:
@@ -232,9 +235,12 @@ def _validate(cfg: TrialConfig) -> None:
     _check(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "must be >= 0")
 
     _choice(cfg, "optimizer", OPTIMIZERS)
+    for name in _FLOAT_FIELDS:  # NaN or inf anywhere would silently poison a trial
+        v = getattr(cfg, name)
+        _check(v is None or math.isfinite(v), name, v, "must be a finite number")
     for name in ("lr", "weight_decay", "sgd_momentum", "multisteplr_gamma"):
         v = getattr(cfg, name)
-        _check(math.isfinite(v) and v >= 0, name, v, "must be a finite number >= 0")
+        _check(v >= 0, name, v, "must be a finite number >= 0")
     _check(cfg.sgd_momentum < 1, "sgd_momentum", cfg.sgd_momentum, "must be in [0, 1)")
     _choice(cfg, "lr_scheduler", LR_SCHEDULERS, optional=True)
     _check(cfg.warmup_epochs >= 0, "warmup_epochs", cfg.warmup_epochs, "must be >= 0")
@@ -248,9 +254,9 @@ def _validate(cfg: TrialConfig) -> None:
         _check(cfg.finetuning_lr is not None and cfg.finetuning_lr >= 0, "finetuning_lr",
                cfg.finetuning_lr, "must be a number >= 0 when finetuning_epochs > 0")
     if cfg.lr_scheduler == "MultiStepLR":
-        _check(cfg.lr_milestones is not None and list(cfg.lr_milestones) == sorted(cfg.lr_milestones)
-               and all(m >= 1 for m in cfg.lr_milestones), "lr_milestones", cfg.lr_milestones,
-               "MultiStepLR needs increasing epochs >= 1, e.g. [50, 75]")
+        ms = cfg.lr_milestones
+        _check(bool(ms) and all(a < b for a, b in zip(ms, ms[1:])) and ms[0] >= 1,
+               "lr_milestones", ms, "MultiStepLR needs increasing epochs >= 1, e.g. [50, 75]")
     _choice(cfg, "train_mode", TRAIN_MODES)
 
     _check(0.0 <= cfg.bn_momentum <= 1.0, "bn_momentum", cfg.bn_momentum, "must be in [0, 1]")
@@ -259,9 +265,10 @@ def _validate(cfg: TrialConfig) -> None:
         _check(0.0 <= cfg.linear_sparsity < 1.0, "linear_sparsity", cfg.linear_sparsity,
                "must be in [0, 1) or None")
     if cfg.train_mode == "normal":
-        _check(cfg.conv_sparsity == 0.0 and not cfg.linear_sparsity, "conv_sparsity",
-               cfg.conv_sparsity, "must be 0 with train_mode 'normal' (the SGD baseline is dense); "
-               "use train_mode 'score_only' to prune")
+        for name in ("conv_sparsity", "linear_sparsity"):
+            _check(not getattr(cfg, name), name, getattr(cfg, name),
+                   "must be 0 with train_mode 'normal' (the SGD baseline is dense); "
+                   "use train_mode 'score_only' to prune")
     _choice(cfg, "init_mode", INIT_MODES)
     _choice(cfg, "init_mode_linear", INIT_MODES, optional=True)
     _choice(cfg, "init_mode_mask", INIT_MODES)
@@ -289,3 +296,4 @@ def _validate(cfg: TrialConfig) -> None:
 
 _FIELD_TYPES.update(typing.get_type_hints(TrialConfig))
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(TrialConfig))
+_FLOAT_FIELDS = tuple(n for n in FIELD_NAMES if field_type(n)[0] is float)
