@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from iterand_tune.supermask import (SparseConv2d, SparseLinear, _threshold, init_, mask_k,
-                                    masked_weight, rerandomize_, supermask)
+from iterand_tune.supermask import (SparseConv2d, SparseLinear, _kth_smallest_topk, _threshold,
+                                    init_, mask_k, masked_weight, rerandomize_, supermask)
 
 
 def reference_mask(scores: torch.Tensor, p: float) -> torch.Tensor:
@@ -56,13 +56,17 @@ def test_p_zero_keeps_everything_and_negative_zero_ties_positive_zero():
     assert torch.equal(supermask(s, 0.5), torch.ones(5))  # -0.0 == 0.0 as floats
 
 
-def test_cpu_threshold_equals_torch_kthvalue():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_threshold_paths_equal_torch_kthvalue(dtype):
+    # CPU floats go through numpy's partition, other devices and dtypes through topk.
     torch.manual_seed(2)
-    for shape in [(10,), (64, 3, 3, 3), (257, 129)]:
-        s = torch.randn(shape)
-        for p in (0.0, 0.5, 0.77):
+    for shape in [(1,), (2,), (10,), (64, 3, 3, 3), (257, 129)]:
+        s = torch.randn(shape).to(dtype)
+        for p in (0.0, 0.3, 0.5, 0.77, 0.999):
             k = mask_k(s.numel(), p)
-            assert _threshold(s, k) == torch.kthvalue(s.flatten(), k).values
+            expected = torch.kthvalue(s.flatten().float(), k).values.to(dtype)
+            assert _threshold(s, k) == expected
+            assert _kth_smallest_topk(s.flatten(), k) == expected
 
 
 def test_straight_through_gradients():

@@ -106,6 +106,17 @@ def test_sgd_trains_weights_with_bn_affine():
     assert not any(n.endswith("scores") for n in names)
 
 
+def test_optimizer_follows_config():
+    sgd = Trainer(digits("edgepopup", epochs=1, sgd_momentum=0.8, weight_decay=3e-4))
+    assert isinstance(sgd.optimizer, torch.optim.SGD)
+    assert sgd.optimizer.defaults["momentum"] == 0.8 and sgd.optimizer.defaults["weight_decay"] == 3e-4
+    adamw = Trainer(digits("sgd", optimizer="AdamW", lr=1e-3, epochs=2, debug_max_iters=2))
+    assert isinstance(adamw.optimizer, torch.optim.AdamW)
+    ms = list(adamw.fit())
+    assert [m["lr"] for m in ms] == pytest.approx([1e-3, 5e-4])  # the schedule drives AdamW too
+    assert adamw.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
 def test_metrics_every_epoch_and_test_after_the_last():
     t = Trainer(digits("iterand", epochs=2, debug_max_iters=3, rerand_freq=2))
     ms = list(t.fit())
