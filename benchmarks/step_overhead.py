@@ -67,10 +67,9 @@ def measure(name: str, repeats: int, warmup: int = 3) -> tuple[float, float, flo
         dense_step(), masked_step(), rerand()
     td, tm, tr = [], [], []
     for i in range(repeats):  # alternate so drifts in machine speed hit both equally
-        if i % 2:
-            tm.append(timed(masked_step)); td.append(timed(dense_step))
-        else:
-            td.append(timed(dense_step)); tm.append(timed(masked_step))
+        order = [(tm, masked_step), (td, dense_step)]
+        for times, step in order if i % 2 else order[::-1]:
+            times.append(timed(step))
         tr.append(timed(rerand))
     d, m, r = statistics.median(td), statistics.median(tm), statistics.median(tr)
     return d, m, r, statistics.quantiles([a / b for a, b in zip(tm, td)], n=4)[1]

@@ -22,13 +22,22 @@ def mask_k(numel: int, sparsity: float) -> int:
     return 1 + round(sparsity * (numel - 1))
 
 
-def _threshold(scores: Tensor, k: int) -> Tensor:
-    """The k-th smallest score, as a 0-d tensor on the scores' device (no host sync on GPUs)."""
+def _threshold(scores: Tensor, k: int, scratch: Optional[Tensor] = None) -> Tensor:
+    """The k-th smallest score, as a 0-d tensor on the scores' device (no host sync on GPUs).
+
+    `scratch`, a contiguous tensor like `scores`, lets the CPU path select in place instead
+    of allocating a copy.
+    """
     flat = scores.detach().reshape(-1)
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
         # numpy's introselect is about twice as fast as torch.kthvalue on CPU, and the
         # threshold is recomputed for every layer at every step.
-        return torch.from_numpy(np.partition(flat.numpy(), k - 1)[k - 1:k]).reshape(())
+        if scratch is None:
+            a = np.partition(flat.numpy(), k - 1)
+        else:
+            a = scratch.view(-1).copy_(flat).numpy()
+            a.partition(k - 1)
+        return torch.from_numpy(a[k - 1:k].copy()).reshape(())
     return _kth_smallest_topk(flat, k)
 
 
@@ -148,7 +157,7 @@ class SparseMixin:
             self._rerand_pick = torch.empty_like(w)
         draw, pick = self._rerand_draw, self._rerand_pick
         # pruned = 1 where S < t(p * rate): the complement of that mask.
-        t = _threshold(self.scores, mask_k(self.scores.numel(), self.sparsity * rerand_rate))
+        t = _threshold(self.scores, mask_k(self.scores.numel(), self.sparsity * rerand_rate), scratch=draw)
         pick.copy_(self.scores).lt_(t)
         if mode == "bernoulli":
             # pick <- pruned * B, B ~ Bernoulli(r); W <- W * (1 - pick) + R * pick, exact for 0/1 picks.

@@ -12,7 +12,6 @@ from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TrialConfig

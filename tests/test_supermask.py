@@ -66,6 +66,9 @@ def test_threshold_paths_equal_torch_kthvalue(dtype):
             k = mask_k(s.numel(), p)
             expected = torch.kthvalue(s.flatten().float(), k).values.to(dtype)
             assert _threshold(s, k) == expected
+            if dtype != torch.bfloat16:
+                scratch = torch.empty_like(s)
+                assert _threshold(s, k, scratch=scratch) == expected
             assert _kth_smallest_topk(s.flatten(), k) == expected
 
 
