@@ -187,7 +187,7 @@ def _count_host_reads(monkeypatch, epochs_iters):
 
     # The CPU threshold uses numpy (free on CPU); count the device-agnostic path instead.
     monkeypatch.setattr(supermask, "_threshold",
-                        lambda s, k: supermask._kth_smallest_topk(s.detach().reshape(-1), k))
+                        lambda s, k, scratch=None: supermask._kth_smallest_topk(s.detach().reshape(-1), k))
     trainer = Trainer(digits("iterand", epochs=2, debug_max_iters=epochs_iters, rerand_freq=2,
                              train_augmentation=True, batch_size=32))
     counts = dict.fromkeys(SYNCING, 0)
