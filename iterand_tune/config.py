@@ -105,12 +105,8 @@ class TrialConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrialConfig":
         """Build from a mapping; unknown keys are refused with the closest known name."""
-        unknown = [k for k in values if k not in _FIELD_TYPES]
-        if unknown:
-            key = unknown[0]
-            close = difflib.get_close_matches(key, list(_FIELD_TYPES), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown TrialConfig option '{key}'{hint}")
+        for key in values:
+            _require_option(key)
         return cls(**values)
 
     def replace(self, **changes: Any) -> "TrialConfig":
@@ -118,6 +114,14 @@ class TrialConfig:
 
 
 _FIELD_TYPES: dict[str, Any] = {}  # filled after the class is built (resolved type hints)
+
+
+def _require_option(name: str) -> None:
+    """ConfigError naming the closest known option when `name` is not a TrialConfig field."""
+    if name not in _FIELD_TYPES:
+        close = difflib.get_close_matches(name, list(_FIELD_TYPES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown TrialConfig option '{name}'{hint}")
 
 # The paper's three methods (SPEC 7) as option sets; an experiment adds model, lr, p, ...
 METHODS: dict[str, dict[str, Any]] = {
@@ -130,10 +134,7 @@ METHODS: dict[str, dict[str, Any]] = {
 
 def parse_value(name: str, text: str) -> Any:
     """Parse a command-line string for field `name` to its declared type (raises ConfigError)."""
-    if name not in _FIELD_TYPES:
-        close = difflib.get_close_matches(name, list(_FIELD_TYPES), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown TrialConfig option '{name}'{hint}")
+    _require_option(name)
     base, optional = field_type(name)
     low = text.strip().lower()
     if optional and low in ("none", "null", ""):
@@ -240,7 +241,7 @@ def _validate(cfg: TrialConfig) -> None:
         _check(v is None or math.isfinite(v), name, v, "must be a finite number")
     for name in ("lr", "weight_decay", "sgd_momentum", "multisteplr_gamma"):
         v = getattr(cfg, name)
-        _check(v >= 0, name, v, "must be a finite number >= 0")
+        _check(v >= 0, name, v, "must be >= 0")
     _check(cfg.sgd_momentum < 1, "sgd_momentum", cfg.sgd_momentum, "must be in [0, 1)")
     _choice(cfg, "lr_scheduler", LR_SCHEDULERS, optional=True)
     _check(cfg.warmup_epochs >= 0, "warmup_epochs", cfg.warmup_epochs, "must be >= 0")

@@ -213,7 +213,7 @@ class Trainer:
         self.epoch, self.iteration = int(state["epoch"]), int(state["iteration"])
         self.best_val_acc, self.best_epoch = float(state["best_val_acc"]), int(state["best_epoch"])
         rng = state["rng"]
-        random.setstate(_as_tuple(rng["python"]))
+        random.setstate(rng["python"])
         npr = rng["numpy"]
         np.random.set_state({"bit_generator": "MT19937",
                              "state": {"key": npr["key"].numpy().astype(np.uint32), "pos": npr["pos"]},
@@ -228,8 +228,3 @@ class Trainer:
 
     def load(self, path: str) -> None:
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-
-
-def _as_tuple(x: Any) -> Any:
-    # random.setstate wants tuples all the way down; serialisers may hand back lists.
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
