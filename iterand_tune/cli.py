@@ -1,5 +1,8 @@
 """Command line. Every error a user can cause ends here as one line on stderr and exit code 2.
 
+    python -m iterand_tune FILE [KEY ...] [options]
+        runs every trial of an experiment file (or of the original YAML config's KEYs) as one
+        Ray Tune run; --dry-run lists the trials without starting Ray.
     python -m iterand_tune train [--method sgd|edgepopup|iterand] [--set key=value ...]
         trains one trial in this process (no Ray) and prints its metrics every epoch.
 """
@@ -9,9 +12,11 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, Optional, Sequence
 
 from .config import METHODS, ConfigError, TrialConfig, parse_value
+from .experiments import Experiment, ExperimentError, check_gpus
 
 
 class UsageError(Exception):
@@ -23,10 +28,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m iterand_tune", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = sub.add_parser("train", help="train one trial here, without Ray")
+def _build_train_parser() -> argparse.ArgumentParser:
+    train = _Parser(prog="python -m iterand_tune train",
+                    description="train one trial here, without Ray")
     train.add_argument("--method", choices=sorted(METHODS),
                        help="start from the paper's option set for this method (SPEC 7)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -36,7 +40,46 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="download the dataset if absent (same as --set dataset_download=true)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
     train.add_argument("--json", action="store_true", help="print each epoch's metrics as JSON")
-    return parser
+    return train
+
+
+def _build_run_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m iterand_tune",
+                description="Run an experiment file's trials as one Ray Tune run "
+                            "(`python -m iterand_tune train --help`: one trial, no Ray).")
+    p.add_argument("file", metavar="FILE",
+                   help="experiment file (experiments/figure2.py) or the original config.yaml")
+    p.add_argument("keys", nargs="*", metavar="KEY",
+                   help="experiments to run (for a YAML config: its experiment keys)")
+    p.add_argument("--only", nargs="+", default=[], metavar="NAME", help="run only these experiments")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a TrialConfig option in every trial (repeatable); "
+                        "an overridden grid axis collapses to that value")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="every trial: one short epoch on a small data subset")
+    p.add_argument("--dry-run", action="store_true", help="list the trials; start nothing")
+    p.add_argument("--json", action="store_true",
+                   help="with --dry-run: one JSON object per trial (TrialConfig fields + experiment)")
+    p.add_argument("--storage-path", default="ray_results",
+                   help="where results go: a folder (made absolute) or a URI such as s3://bucket/x "
+                        "(default: ./ray_results)")
+    p.add_argument("--name", help="the run's folder name (default: FILE's name and the time)")
+    p.add_argument("--address", help="join an existing Ray cluster: auto, HOST:PORT or "
+                                     "ray://HOST:PORT (default: RAY_ADDRESS, else a local one)")
+    p.add_argument("--data-dir", help="dataset folder for every trial (made absolute)")
+    p.add_argument("--download", action="store_true", help="download datasets that are absent")
+    p.add_argument("--gpus-per-trial", type=float, metavar="G",
+                   help="GPUs per trial: 1/k (0.5, 0.25, ...) or a whole number "
+                        "(default: from the model's size, 1/4 for small nets)")
+    p.add_argument("--cpus-per-trial", type=float, metavar="C", help="CPUs per trial (default 1)")
+    p.add_argument("--max-concurrent", type=int, metavar="N", help="at most N trials at once")
+    p.add_argument("--max-failures", type=int, default=3, metavar="N",
+                   help="retry a failed trial N times from its last checkpoint (default 3)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (--name, else the newest run of FILE)")
+    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
+                   help="Ray Tune progress output: 0 none, 1 status (default), 2 every result")
+    return p
 
 
 def overrides_to_dict(pairs: Sequence[str]) -> dict[str, Any]:
@@ -80,15 +123,155 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_experiments(args: argparse.Namespace) -> list[Experiment]:
+    """The file's chosen experiments with --set, --data-dir, --download and --smoke-test applied,
+    and data paths made absolute (trials run in their own folders, maybe on other nodes)."""
+    from .experiments import load, select, smoke_test
+
+    experiments = load(args.file, args.keys)
+    if args.only:
+        experiments = select(experiments, args.only, args.file)
+    values = overrides_to_dict(args.overrides)
+    if args.data_dir:
+        values["dataset_dir"] = args.data_dir
+    if args.download:
+        values["dataset_download"] = True
+    out = []
+    for e in experiments:
+        if values:
+            e = e.with_values(values)
+        if args.smoke_test:
+            e = smoke_test(e)
+        absolute = lambda d: os.path.abspath(os.path.expanduser(d))  # noqa: E731
+        if "dataset_dir" in e.grid:
+            e = e.replace(grid={**e.grid, "dataset_dir": [absolute(d) for d in e.grid["dataset_dir"]]})
+        else:
+            e = e.with_values({"dataset_dir": absolute(e.config.get("dataset_dir",
+                                                                   TrialConfig.dataset_dir))})
+        out.append(e)
+    return out
+
+
+def _dry_run(experiments: Sequence[Experiment], as_json: bool) -> int:
+    from .experiments import all_trials
+    from .runner import format_table
+
+    trials = all_trials(experiments)
+    if as_json:
+        for t in trials:
+            print(json.dumps(t))
+        return 0
+    head = ("#", "experiment", "model", "method", "init", "p", "lr", "wd", "r", "K_per", "epochs",
+            "seed")
+    rows = []
+    for i, t in enumerate(trials, 1):
+        cfg = TrialConfig.from_dict({k: v for k, v in t.items() if k != "experiment"})
+        iterand = cfg.method == "iterand"
+        rows.append((str(i), t["experiment"], cfg.model, cfg.method, cfg.init_mode,
+                     f"{cfg.conv_sparsity:g}", f"{cfg.lr:g}", f"{cfg.weight_decay:g}",
+                     f"{cfg.rerand_lambda:g}" if iterand else "-",
+                     str(cfg.rerand_freq) if iterand else "-", str(cfg.epochs), str(cfg.seed)))
+    print(format_table(head, rows))
+    print(f"{len(trials)} trials in {len(experiments)} experiment(s); nothing started (--dry-run)")
+    return 0
+
+
+def _storage_path(text: str) -> str:
+    return text if "://" in text else os.path.abspath(os.path.expanduser(text))
+
+
+def _run_name(args: argparse.Namespace, storage: str) -> str:
+    from .runner import RunError
+
+    stem = os.path.splitext(os.path.basename(args.file))[0]
+    if args.name:
+        if "/" in args.name or args.name in (".", ".."):
+            raise UsageError(f"--name {args.name!r} must be a folder name, not a path")
+        return args.name
+    if not args.resume:
+        return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    runs = sorted(n for n in _list_dir(storage) if n.startswith(stem + "-"))
+    if not runs:
+        raise RunError(f"--resume: no earlier run of {stem} under {storage}; pass --name NAME "
+                       "of the run to resume")
+    return runs[-1]  # names end in a sortable time stamp
+
+
+def _list_dir(storage: str) -> list[str]:
+    if "://" not in storage:
+        return os.listdir(storage) if os.path.isdir(storage) else []
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(storage)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory]
+
+
+def _exists(path: str) -> bool:
+    if "://" not in path:
+        return os.path.exists(path)
+    import pyarrow.fs
+
+    fs, p = pyarrow.fs.FileSystem.from_uri(path)
+    return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .runner import RunOptions, run
+
+    if args.json and not args.dry_run:
+        raise UsageError("--json goes with --dry-run")
+    if args.resume and (args.overrides or args.smoke_test or args.data_dir or args.download):
+        raise UsageError("--resume continues a run with the trials it has; drop --set, "
+                         "--smoke-test, --data-dir and --download")
+    for flag, value in (("--max-concurrent", args.max_concurrent), ("--max-failures", args.max_failures)):
+        if value is not None and value < (1 if flag == "--max-concurrent" else 0):
+            raise UsageError(f"{flag} {value} must be >= {1 if flag == '--max-concurrent' else 0}")
+    if args.cpus_per_trial is not None and not args.cpus_per_trial > 0:
+        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g} must be > 0")
+    try:
+        gpus = check_gpus(args.gpus_per_trial, "--gpus-per-trial")
+    except ExperimentError as err:
+        raise UsageError(str(err)) from None
+    experiments = load_experiments(args)
+    if args.dry_run:
+        return _dry_run(experiments, args.json)
+
+    storage = _storage_path(args.storage_path)
+    name = _run_name(args, storage)
+    opts = RunOptions(storage_path=storage, name=name, address=args.address, gpus_per_trial=gpus,
+                      cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent,
+                      max_failures=args.max_failures, resume=args.resume, verbose=args.verbose)
+    if not args.resume and _exists(opts.path):
+        raise UsageError(f"{opts.path} already holds a run: add --resume to continue it, "
+                         "or choose another --name")
+    n = sum(len(e) for e in experiments)
+    print(f"{'resuming' if args.resume else 'starting'} {name}: {n} trials of "
+          f"{len(experiments)} experiment(s); results in {opts.path}", flush=True)
+    summary = run(experiments, opts)
+    print()
+    print(summary.table())
+    print(f"\nresults: {summary.path}  ({summary.seconds:.0f} s)")
+    if not summary.ok:
+        failed = len(summary.errored) + len(summary.unfinished)
+        print(f"error: {failed} trial(s) did not finish ({', '.join((summary.errored + summary.unfinished)[:3])}"
+              f"{', ...' if failed > 3 else ''}); see their error.txt under {summary.path}, then "
+              f"continue with: python -m iterand_tune {args.file} --resume --name {name}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import DataError
+    from .runner import RunError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = _build_parser().parse_args(argv)
-        if args.command == "train":
-            return _train(args)
-        raise UsageError(f"unknown command {args.command!r}")
-    except (UsageError, ConfigError, DataError) as err:
+        if argv and argv[0] == "train":
+            return _train(_build_train_parser().parse_args(argv[1:]))
+        return _run(_build_run_parser().parse_args(argv))
+    except (UsageError, ConfigError, DataError, ExperimentError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

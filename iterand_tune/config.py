@@ -81,6 +81,7 @@ class TrialConfig:
     use_cuda: bool = True               # train on the trial's GPU when there is one
     deterministic: bool = True          # cuDNN deterministic algorithms (SPEC 6)
     debug_max_iters: Optional[int] = None  # cap iterations per epoch (smoke tests)
+    debug_max_eval_iters: Optional[int] = None  # cap batches of each evaluation (smoke tests)
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -291,8 +292,9 @@ def _validate(cfg: TrialConfig) -> None:
     if cfg.rerand_mode == "manual":
         _check(cfg.rerand_mu is not None, "rerand_mu", cfg.rerand_mu,
                "must be set when rerand_mode is 'manual'")
-    if cfg.debug_max_iters is not None:
-        _check(cfg.debug_max_iters >= 1, "debug_max_iters", cfg.debug_max_iters, "must be >= 1 or None")
+    for name in ("debug_max_iters", "debug_max_eval_iters"):
+        v = getattr(cfg, name)
+        _check(v is None or v >= 1, name, v, "must be >= 1 or None")
 
 
 _FIELD_TYPES.update(typing.get_type_hints(TrialConfig))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -255,3 +256,24 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     pruned = sum(int(m.scores.numel() * m.sparsity) for m in model.modules()
                  if isinstance(m, SparseMixin) and m.scores is not None)
     return {"params_before_pruning": before, "params_after_pruning": before - pruned}
+
+
+def estimate_macs(name: str, image_size: int = 32, num_classes: int = 10) -> int:
+    """Multiply-accumulates of one image's forward pass (convolutions and linear layers), counted
+    on the meta device, so no weights are allocated and no arithmetic is done."""
+    total = 0
+
+    def count(module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += out.numel() * (module.in_channels // module.groups) * kh * kw
+        elif isinstance(module, nn.Linear):
+            total += out.numel() * module.in_features
+
+    with torch.device("meta"):
+        model = create_model(name, None, num_classes, image_size)
+        for module in model.modules():
+            module.register_forward_hook(count)
+        model(torch.empty(1, 3, image_size, image_size))
+    return total

@@ -53,7 +53,7 @@ class Trainer:
     """Trains one TrialConfig. `train_epoch()` runs one epoch and returns its metrics (DESIGN);
     after the last epoch they include `test_acc` and `test_loss`. Accuracies are percentages."""
 
-    def __init__(self, config: TrialConfig, device: Device = None) -> None:
+    def __init__(self, config: TrialConfig, device: Device = None, num_gpus: int = 1) -> None:
         self.config = cfg = config
         self.device = resolve_device(cfg, device)
         seed_everything(cfg.seed)
@@ -67,6 +67,12 @@ class Trainer:
         self.loaders: Loaders = make_loaders(cfg, self.device, self.data_generator)
         info = self.loaders.info
         self.model = create_model(cfg.model, cfg, info.num_classes, info.image_size).to(self.device)
+        # A trial given several GPUs (ImageNet ResNet-50/101) splits each batch over them;
+        # re-randomisation and checkpoints act on `self.model`, which the replicas share.
+        self.net: torch.nn.Module = self.model
+        if self.device.type == "cuda" and num_gpus > 1 and torch.cuda.device_count() > 1:
+            self.net = torch.nn.DataParallel(self.model, device_ids=list(range(
+                min(num_gpus, torch.cuda.device_count()))))
         score_only = cfg.train_mode == "score_only"
         for name, p in self.model.named_parameters():
             p.requires_grad_(name.endswith("scores") if score_only else True)
@@ -97,7 +103,7 @@ class Trainer:
     def rerand_interval(self) -> Optional[int]:
         """Iterations between re-randomisations, or None when IteRand is off."""
         cfg = self.config
-        if cfg.rerand_mode is None or cfg.train_mode != "score_only":
+        if cfg.method != "iterand":  # bernoulli with r = 0 is edge-popup: skip the no-op draws
             return None
         if cfg.rerand_freq_unit == "epoch":  # rerand_freq times an epoch
             return max(1, self.iters_per_epoch // cfg.rerand_freq)
@@ -124,7 +130,7 @@ class Trainer:
                 break
             if interval is not None and (self.iteration + 1) % interval == 0:
                 rerandomize_(model, cfg.rerand_mode, cfg.rerand_lambda, cfg.rerand_mu, cfg.rerand_rate)
-            out = model(x)
+            out = self.net(x)
             loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -169,8 +175,10 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
-        for x, y in loader:
-            out = self.model(x)
+        for i, (x, y) in enumerate(loader):
+            if self.config.debug_max_eval_iters and i >= self.config.debug_max_eval_iters:
+                break
+            out = self.net(x)
             loss_sum += F.cross_entropy(out, y, reduction="sum")
             correct += (out.argmax(1) == y).sum()
             seen += y.shape[0]

@@ -1,0 +1,50 @@
+"""Figure 3 of the paper: ImageNet. SGD on ResNet18 and ResNet34; edge-popup and IteRand
+(K_per = 1000, r = 0.1) with SC weights and p = 0.7 on ResNet34, ResNet50 and ResNet101.
+Seed 1, 105 epochs (5 warm-up, 5 fine-tuning at lr 1e-5): 8 trials. ResNet50/101 trials use
+2 GPUs each (the batch is split across them).
+Compute: about 330 GPU-hours (an estimate from forward FLOPs at 25 TFLOP/s sustained, not a
+measurement; ImageNet decoding on the CPUs usually makes it slower).
+Needs the ImageNet train/ and val/ folders under --data-dir (they cannot be downloaded).
+    python -m iterand_tune experiments/figure3.py --data-dir /path/to/imagenet
+"""
+from iterand_tune.experiments import Experiment
+
+IMAGENET = dict(
+    dataset="imagenet",
+    dataset_download=False,      # ImageNet has to be fetched by hand
+    num_workers=8,               # DataLoader workers decoding JPEGs
+    epochs=105,
+    batch_size=128,
+    optimizer="SGD",
+    sgd_momentum=0.9,
+    weight_decay=1e-4,
+    lr=0.1,
+    lr_scheduler="CustomCosineLR",
+    warmup_epochs=5,             # lr * (e + 1) / 5 for the first five epochs
+    finetuning_epochs=5,         # the last five epochs at finetuning_lr
+    finetuning_lr=1e-5,
+    padding_before_crop=False,
+)
+
+SC_PRUNING = dict(train_mode="score_only", bn_affine=False, init_mode="signed_constant",
+                  conv_sparsity=0.7)
+ITERAND = dict(rerand_mode="bernoulli", rerand_freq=1000, rerand_lambda=0.1)
+
+EXPERIMENTS = [
+    Experiment("figure3_resnet18_ku_sgd", dict(**IMAGENET, model="resnet18"), dict(seed=[1])),
+    Experiment("figure3_resnet34_ku_sgd", dict(**IMAGENET, model="resnet34"), dict(seed=[1])),
+    Experiment("figure3_resnet34_sc_edgepopup", dict(**IMAGENET, **SC_PRUNING, model="resnet34"),
+               dict(seed=[1])),
+    Experiment("figure3_resnet50_sc_edgepopup", dict(**IMAGENET, **SC_PRUNING, model="resnet50"),
+               dict(seed=[1]), gpus_per_trial=2),
+    Experiment("figure3_resnet101_sc_edgepopup", dict(**IMAGENET, **SC_PRUNING, model="resnet101"),
+               dict(seed=[1]), gpus_per_trial=2),
+    Experiment("figure3_resnet34_sc_iterand",
+               dict(**IMAGENET, **SC_PRUNING, **ITERAND, model="resnet34"), dict(seed=[1])),
+    Experiment("figure3_resnet50_sc_iterand",
+               dict(**IMAGENET, **SC_PRUNING, **ITERAND, model="resnet50"), dict(seed=[1]),
+               gpus_per_trial=2),
+    Experiment("figure3_resnet101_sc_iterand",
+               dict(**IMAGENET, **SC_PRUNING, **ITERAND, model="resnet101"), dict(seed=[1]),
+               gpus_per_trial=2),
+]
