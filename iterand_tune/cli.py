@@ -254,7 +254,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nresults: {summary.path}  ({summary.seconds:.0f} s)")
     if not summary.ok:
         failed = len(summary.errored) + len(summary.unfinished)
-        print(f"error: {failed} trial(s) did not finish ({', '.join((summary.errored + summary.unfinished)[:3])}"
+        names = (summary.errored + summary.unfinished)[:3]
+        print(f"error: {failed} trial(s) did not finish ({', '.join(names)}"
               f"{', ...' if failed > 3 else ''}); see their error.txt under {summary.path}, then "
               f"continue with: python -m iterand_tune {args.file} --resume --name {name}",
               file=sys.stderr)
@@ -268,7 +269,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "train":
+        if not argv:
+            raise UsageError("give an experiment file, e.g. `python -m iterand_tune "
+                             "experiments/quickstart.py`, or the command `train` for one trial")
+        if argv[0] == "train":
             return _train(_build_train_parser().parse_args(argv[1:]))
         return _run(_build_run_parser().parse_args(argv))
     except (UsageError, ConfigError, DataError, ExperimentError, RunError) as err:

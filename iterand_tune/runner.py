@@ -216,11 +216,11 @@ def connect(address: Optional[str]) -> bool:
     """Start or join Ray; True when this process started it (and should shut it down)."""
     import ray
 
-    if ray.is_initialized():
-        return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address not in ("auto", "local"):
         _check_reachable(address)
+    if ray.is_initialized():  # e.g. a notebook or a test that started Ray itself
+        return False
     try:
         if address:
             ray.init(address=address, log_to_driver=True)

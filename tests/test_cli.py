@@ -72,8 +72,8 @@ def test_train_digits_json(capsys):
         (["train", "--method", "bogus"], "--method"),
         (["train", "--device", "nodevice"], "cannot start the trial"),
         (["train", "--unknown-flag"], "--unknown-flag"),
-        (["bogus"], "bogus"),
-        ([], "command"),
+        (["bogus"], "no experiment file at bogus"),
+        ([], "give an experiment file"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(capsys, argv, fragment):
