@@ -117,7 +117,6 @@ def train_trial(config: dict[str, Any]) -> None:
     reporting DESIGN's metrics with a checkpoint after every epoch."""
     import logging
 
-    import torch
     from ray import tune
 
     from .training import Trainer
@@ -127,14 +126,8 @@ def train_trial(config: dict[str, Any]) -> None:
     values = {k: v for k, v in config[TRIAL_KEY].items() if k != "experiment"}
     cfg = TrialConfig.from_dict(values)
     request = tune.get_context().get_trial_resources().required_resources
-    cpus, gpus = request.get("CPU", 1.0), request.get("GPU", 0.0)
-    torch.set_num_threads(max(1, int(cpus)))
-    device = "cpu"
-    if gpus > 0 and cfg.use_cuda and torch.cuda.is_available():
-        device = "cuda"
-        if gpus < 1:  # fractional GPUs are not isolated: hold this trial to its share
-            torch.cuda.set_per_process_memory_fraction(gpus, 0)
-    trainer = Trainer(cfg, device=device, num_gpus=max(1, int(gpus)))
+    device, num_gpus = claim_resources(request.get("CPU", 1.0), request.get("GPU", 0.0), cfg.use_cuda)
+    trainer = Trainer(cfg, device=device, num_gpus=num_gpus)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -144,6 +137,19 @@ def train_trial(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             trainer.save(os.path.join(folder, CHECKPOINT_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def claim_resources(cpus: float, gpus: float, use_cuda: bool = True) -> tuple[str, int]:
+    """Fit this process to the trial's resources: torch threads = its CPUs; with a GPU share its
+    CUDA memory capped to that share. Returns (device, number of GPUs to use)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+    if gpus <= 0 or not use_cuda or not torch.cuda.is_available():
+        return "cpu", 1  # a logical GPU without CUDA (tests) also lands here
+    if gpus < 1:  # fractional GPUs are not isolated: hold this trial to its share
+        torch.cuda.set_per_process_memory_fraction(gpus, 0)
+    return "cuda", max(1, int(gpus))
 
 
 def trial_name(trial: Any) -> str:

@@ -232,6 +232,32 @@ def test_download_skipped_when_files_present(tmp_path, monkeypatch):
     assert len(train_x) == 20
 
 
+def _download_in_process(root: str, log: str) -> int:
+    """Child process: load CIFAR-10 with a fake, slow download that logs each time it runs."""
+    import time
+
+    def fake_download(url, download_root, filename, md5):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # widen the window in which a second process could start downloading
+        make_cifar10(download_root)
+
+    data.download_and_extract_archive = fake_download
+    train_x, *_ = load_cifar10(root, download=True, verify=False)
+    return len(train_x)
+
+
+def test_concurrent_trials_on_a_node_download_once(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    log = tmp_path / "downloads.log"
+    with ctx.Pool(3) as pool:
+        sizes = pool.starmap(_download_in_process, [(str(tmp_path / "data"), str(log))] * 3)
+    assert sizes == [20, 20, 20]                       # every process got the data
+    assert len(log.read_text().splitlines()) == 1      # and only one fetched it
+
+
 # ---------------------------------------------------------------- splits
 
 

@@ -192,3 +192,22 @@ def test_unreachable_address_is_one_line_and_starts_nothing(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: cannot reach a Ray cluster at 127.0.0.1:1")
     assert not (tmp_path / "r").exists()
+
+
+def test_claim_resources_caps_memory_to_the_gpu_share(monkeypatch):
+    from iterand_tune.runner import claim_resources
+
+    caps = []
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: caps.append((f, d)))
+    try:
+        assert claim_resources(1, 0.25) == ("cuda", 1) and caps == [(0.25, 0)]
+        assert torch.get_num_threads() == 1
+        assert claim_resources(2, 2) == ("cuda", 2) and len(caps) == 1  # whole GPUs: no cap
+        assert torch.get_num_threads() == 2
+        assert claim_resources(1, 0.5, use_cuda=False) == ("cpu", 1) and len(caps) == 1
+        assert claim_resources(0.5, 0) == ("cpu", 1)
+        assert torch.get_num_threads() == 1  # half a CPU still gets one thread
+    finally:
+        torch.set_num_threads(threads)

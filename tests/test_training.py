@@ -65,9 +65,25 @@ def test_rerandomisation_timing(monkeypatch, unit, freq, expected):
     assert calls == expected
 
 
-def test_edgepopup_never_rerandomises(monkeypatch):
+@pytest.mark.parametrize("rerand", [{}, dict(rerand_mode="bernoulli", rerand_lambda=0.0)])
+def test_edgepopup_never_rerandomises(monkeypatch, rerand):
+    # Also edge-popup written as IteRand with r = 0 (the original configs): no wasted draws.
     monkeypatch.setattr(training, "rerandomize_", lambda *a: pytest.fail("re-randomised"))
-    list(Trainer(digits("edgepopup", epochs=1, debug_max_iters=4, rerand_freq=1)).fit())
+    list(Trainer(digits("edgepopup", epochs=1, debug_max_iters=4, rerand_freq=1, **rerand)).fit())
+
+
+def test_debug_max_eval_iters_caps_evaluation():
+    # digits has 180 validation images; one batch of 50 gives accuracies in steps of 2%.
+    full = Trainer(digits(epochs=1, debug_max_iters=1, batch_size_eval=50))
+    capped = Trainer(digits(epochs=1, debug_max_iters=1, batch_size_eval=50, debug_max_eval_iters=1))
+    _, acc_full = full.evaluate("val")
+    _, acc_capped = capped.evaluate("val")
+    assert round(acc_full * 180 / 100, 6).is_integer()
+    assert round(acc_capped * 50 / 100, 6).is_integer()
+    seen = []
+    capped.net = lambda x: (seen.append(len(x)), torch.zeros(len(x), 10))[1]
+    capped.evaluate("test")
+    assert seen == [50]  # one batch of the test set, not all 360 images
 
 
 # ----------------------------------------------------------------------------- what is trained
