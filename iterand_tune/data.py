@@ -634,6 +634,20 @@ class Loaders:
 IMAGENET_VAL_FRACTION = 0.01
 
 
+def prepare_dataset(name: str, root: str | os.PathLike, *, download: bool) -> None:
+    """Make sure `name` is readable under `root`, downloading it (once, under the lock) if allowed;
+    a DataError otherwise. The runner calls this before a local run, so that missing data is one
+    line before any trial starts instead of every trial failing the same way."""
+    if name == "imagenet":
+        for part in ("train", "val"):
+            if not os.path.isdir(os.path.join(_root(root), part)):
+                raise DataError(f"ImageNet not found in {_root(root)} (expected train/ and val/ class "
+                                "folders); it cannot be downloaded automatically: point --data-dir at it")
+        return
+    if name != "digits":
+        load_splits(name, root, download=download)
+
+
 def imagenet_loaders(
     root: str | os.PathLike,
     *,

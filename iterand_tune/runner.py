@@ -268,6 +268,15 @@ def run(experiments: Sequence[Experiment], opts: RunOptions,
 
     # A snapshot per second checkpoint is what keeps resume exact; do not warn about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if opts.address is None and not os.environ.get("RAY_ADDRESS"):
+        # Every trial will run on this machine: fetch or check each dataset once, here,
+        # before Ray starts, so missing data is one line rather than every trial failing.
+        from .data import prepare_dataset
+
+        needed = {(t["dataset"], t["dataset_dir"], t["dataset_download"])
+                  for t in all_trials(experiments)}
+        for name, root, download in sorted(needed):
+            prepare_dataset(name, root, download=download)
     started = connect(opts.address)
     try:
         have_gpus = any(n.get("GPU", 0) > 0 for n in live_nodes())

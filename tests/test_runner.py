@@ -211,3 +211,18 @@ def test_claim_resources_caps_memory_to_the_gpu_share(monkeypatch):
         assert torch.get_num_threads() == 1  # half a CPU still gets one thread
     finally:
         torch.set_num_threads(threads)
+
+
+def test_missing_data_is_one_line_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import iterand_tune.runner as runner
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runner, "connect", lambda *a: pytest.fail("Ray was started"))
+    figure2 = os.path.join(os.path.dirname(__file__), "..", "experiments", "figure2.py")
+    rc = main([figure2, "--only", "figure2_conv6_ku_sgd", "--data-dir", str(tmp_path / "empty"),
+               "--set", "dataset_download=false", "--storage-path", str(tmp_path / "r")])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith(f"error: CIFAR-10 not found in {tmp_path / 'empty'}")
+    assert "--download" in err[0]
+    assert not (tmp_path / "r").exists()
