@@ -117,6 +117,7 @@ def train_trial(config: dict[str, Any]) -> None:
     reporting DESIGN's metrics with a checkpoint after every epoch."""
     import logging
 
+    import ray
     from ray import tune
 
     from .training import Trainer
@@ -132,8 +133,10 @@ def train_trial(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.load(os.path.join(folder, CHECKPOINT_FILE))
+    node_id = ray.get_runtime_context().get_node_id()
     while not trainer.done:  # a trial restored after its last epoch has nothing left to do
         metrics = trainer.train_epoch()
+        metrics["node_id"] = node_id  # which node ran this epoch (trials move when nodes fail)
         with tempfile.TemporaryDirectory() as folder:
             trainer.save(os.path.join(folder, CHECKPOINT_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
@@ -195,8 +198,8 @@ def _progress_callback() -> type:
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             t = trial.config[TRIAL_KEY]
-            self.echo(f"trial {t['experiment']} {t['model']} seed {t['seed']} failed; "
-                      f"its error is in {trial.path}/error.txt")
+            self.echo(f"trial {t['experiment']} {t['model']} seed {t['seed']} failed: "
+                      f"{_last_line(trial)} (details: {trial.path}/error.txt)")
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
             if time.time() - self.last < self.every:
@@ -209,6 +212,20 @@ def _progress_callback() -> type:
                 f"{n} {status.lower()}" for status, n in sorted(counts.items())))
 
     return _ProgressLines
+
+
+def _last_line(trial: Any) -> str:
+    """The exception line of a trial's error (e.g. 'DataError: CIFAR-10 not found in ...')."""
+    text = ""
+    try:  # the driver's staged copy exists at once; the one in storage may not be synced yet
+        if trial.error_file and os.path.exists(trial.error_file):
+            with open(trial.error_file) as f:
+                text = f.read()
+        text = text or trial.get_error() or ""
+    except Exception:  # noqa: BLE001 - storage may be gone with the node; the path still helps
+        pass
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1] if lines else "see its error file"
 
 
 def ProgressLines(echo: Callable[[str], None]) -> Any:  # noqa: N802 - a class made on demand
@@ -253,16 +270,73 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                        "is `ray start --head` running there, and is the port open?") from None
 
 
+def check_storage(storage_path: str, node_ids: Sequence[str],
+                  missing: Optional[Callable[[str, Sequence[str]], list[str]]] = None) -> None:
+    """On a cluster of several nodes, refuse a local --storage-path that some node cannot see
+    (its trials would write results where the driver never finds them)."""
+    if "://" in storage_path or len(node_ids) < 2:
+        return
+    blind = (missing or nodes_missing_path)(storage_path, node_ids)
+    if blind:
+        raise RunError(
+            f"--storage-path {storage_path} is not visible on {len(blind)} of the cluster's "
+            f"{len(node_ids)} nodes ({', '.join(b[:8] for b in blind)}): use a shared filesystem "
+            "mounted at the same path on every node, or a URI such as s3://bucket/folder")
+
+
+def nodes_missing_path(storage_path: str, node_ids: Sequence[str], timeout: float = 60.0) -> list[str]:
+    """Ids of the nodes that cannot see a probe file written here under `storage_path`'s nearest
+    existing folder; the probe is removed again."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    folder = os.path.abspath(storage_path)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    probe = os.path.join(folder, f".iterand_tune_probe_{uuid.uuid4().hex}")
+    try:
+        with open(probe, "w"):
+            pass
+    except OSError as err:
+        raise RunError(f"--storage-path {storage_path} is not writable here ({err.strerror})") from None
+    try:
+        sees = ray.remote(num_cpus=0)(os.path.exists)
+        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+                .remote(probe) for n in node_ids]
+        try:
+            answers = ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise RunError(f"nodes of the cluster did not answer within {timeout:.0f} s whether "
+                           f"they see --storage-path {storage_path}") from None
+        return [n for n, ok in zip(node_ids, answers) if not ok]
+    finally:
+        os.remove(probe)
+
+
 def live_nodes() -> list[dict[str, float]]:
     import ray
 
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
+def live_node_ids() -> list[str]:
+    import ray
+
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+
+
 # ------------------------------------------------------------------ running
 
+def say(line: str) -> None:
+    """Default progress output. A module-level function, because Ray pickles the Tuner's
+    callbacks and `print` can be swapped out by Ray's log redirection on a cluster."""
+    print(line, flush=True)
+
+
 def run(experiments: Sequence[Experiment], opts: RunOptions,
-        echo: Callable[[str], None] = print) -> "RunSummary":
+        echo: Callable[[str], None] = say) -> "RunSummary":
     """Run (or resume) every trial of `experiments` as one Ray Tune run; return its summary."""
     from ray import tune
 
@@ -287,6 +361,7 @@ def run(experiments: Sequence[Experiment], opts: RunOptions,
             key = f"{trial['experiment']} ({trial['model']})"
             requests[key] = req
         check_cluster(requests, live_nodes())
+        check_storage(opts.storage_path, live_node_ids())  # results reach one place from every node
 
         def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
             t = config[TRIAL_KEY]
