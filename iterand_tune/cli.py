@@ -217,7 +217,7 @@ def _exists(path: str) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runner import RunOptions, run
+    from .runner import RunOptions, check_address, run
 
     if args.json and not args.dry_run:
         raise UsageError("--json goes with --dry-run")
@@ -245,6 +245,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.resume and _exists(opts.path):
         raise UsageError(f"{opts.path} already holds a run: add --resume to continue it, "
                          "or choose another --name")
+    check_address(args.address)  # a dead cluster is one line, before anything else is said
     n = sum(len(e) for e in experiments)
     print(f"{'resuming' if args.resume else 'starting'} {name}: {n} trials of "
           f"{len(experiments)} experiment(s); results in {opts.path}", flush=True)

@@ -239,9 +239,7 @@ def connect(address: Optional[str]) -> bool:
     """Start or join Ray; True when this process started it (and should shut it down)."""
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address not in ("auto", "local"):
-        _check_reachable(address)
+    address = check_address(address)
     if ray.is_initialized():  # e.g. a notebook or a test that started Ray itself
         return False
     try:
@@ -254,6 +252,15 @@ def connect(address: Optional[str]) -> bool:
                        f"{str(err).splitlines()[0]}; start one with `ray start --head` or "
                        "check --address") from None
     return True
+
+
+def check_address(address: Optional[str]) -> Optional[str]:
+    """The cluster address to join (--address, else RAY_ADDRESS, else None for a local Ray),
+    checked to answer when it names a host."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address not in ("auto", "local"):
+        _check_reachable(address)
+    return address
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -187,3 +187,23 @@ def test_storage_some_node_cannot_see_is_refused(tmp_path):
     check_storage("s3://bucket/x", ["a", "b"], missing=half_blind)
     check_storage(str(tmp_path), ["a"], missing=half_blind)
     assert len(asked) == 1
+
+
+@pytest.mark.parametrize("how", ["flag", "client", "env"])
+def test_unreachable_cluster_is_one_line_before_anything_is_written(tmp_path, how):
+    exp = write_experiments(tmp_path)
+    cmd = [sys.executable, "-m", "iterand_tune", str(exp), "--storage-path", str(tmp_path / "r")]
+    env = dict(os.environ)
+    if how == "flag":
+        cmd += ["--address", "127.0.0.1:1"]
+    elif how == "client":
+        cmd += ["--address", "ray://127.0.0.1:1"]
+    else:  # RAY_ADDRESS is honoured like --address
+        env["RAY_ADDRESS"] = "127.0.0.1:1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: cannot reach a Ray cluster at ")
+    assert "127.0.0.1:1" in lines[0] and "ray start --head" in lines[0]
+    assert not (tmp_path / "r").exists()
