@@ -450,7 +450,10 @@ class RunSummary:
         rows = []
         errored, unfinished = [], []
         for result in grid:
-            trial = result.config[TRIAL_KEY]
+            trial = (result.config or {}).get(TRIAL_KEY)
+            if trial is None:  # a trial Ray cancelled before it ever ran has no config
+                errored.append(os.path.basename(str(result.path or "")) or "a trial that never started")
+                continue
             metrics = result.metrics or {}
             name = f"{trial['experiment']}-{trial['model']}-seed{trial['seed']}"
             if result.error is not None:

@@ -821,6 +821,19 @@ def test_run_summary_from_results():
     assert (p.trials, p.done, p.test_accs) == (3, 1, [50.0])
 
 
+def test_run_summary_counts_trials_cancelled_before_they_ran():
+    # Ray gives such a trial no config (seen on an overloaded machine); it is an error, not a crash.
+    e = Experiment("e", dict(model="conv6x0.25"), dict(seed=[1]))
+    grid = [SimpleNamespace(config={runner.TRIAL_KEY: e.trials()[0]}, metrics={"test_acc": 50.0},
+                            error=None, path="/r/e-conv6x0.25-seed1-x_00000"),
+            SimpleNamespace(config=None, metrics=None, error=RuntimeError("cancelled"),
+                            path="/r/e-conv6x0.25-seed2-x_00001")]
+    summary = RunSummary.from_results(grid, "/r", 1.0)
+    assert summary.errored == ["e-conv6x0.25-seed2-x_00001"] and not summary.ok
+    (p,) = summary.points
+    assert (p.trials, p.done) == (1, 1)
+
+
 @pytest.mark.slow  # a subprocess: about 5 s
 def test_dry_run_json_piped_into_head_prints_no_traceback():
     # 180 JSON lines (~280 kB) overflow the pipe buffer, so closing after one line breaks the pipe.

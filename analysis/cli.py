@@ -1,0 +1,191 @@
+"""Command line of the analysis package. Every error a user can cause ends here as one line on
+stderr (`error: ...`) and exit code 2.
+
+    python -m analysis table RESULTS [--rows points|trials|epochs] [-o FILE.csv|FILE.parquet]
+    python -m analysis figure1|figure2|figure3 RESULTS [-o FILE.png|.pdf|.svg]
+
+RESULTS is a run's folder (STORAGE/NAME, or a URI such as s3://bucket/runs/NAME), or a Parquet
+table of trials written by `table --rows trials -o FILE.parquet`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import pandas as pd
+
+from .results import ResultsError
+
+TABLE_FORMATS = (".csv", ".parquet")
+FIGURE_FORMATS = (".png", ".pdf", ".svg")
+
+
+class UsageError(Exception):
+    """A wrong command line; one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m analysis",
+                description="Tables and the paper's figures from a stored iterand_tune run.")
+    sub = p.add_subparsers(dest="command", metavar="{table,figure1,figure2,figure3}",
+                           parser_class=_Parser)
+    results_help = ("the run's folder (STORAGE/NAME) or URI (s3://...), or a Parquet table "
+                    "written by `table --rows trials`")
+    t = sub.add_parser("table", help="print the figure points (or trials, or epochs); -o writes "
+                                     "CSV or Parquet")
+    t.add_argument("results", metavar="RESULTS", help=results_help)
+    t.add_argument("--rows", choices=("points", "trials", "epochs"), default="points",
+                   help="one row per figure point (mean over seeds, the default), per trial, or "
+                        "per trial and epoch")
+    t.add_argument("-o", "--output", metavar="FILE",
+                   help="also write the table (all columns) as .csv or .parquet (path or URI)")
+    for name, what in (("figure1", "test accuracy against r, a panel per network"),
+                       ("figure2", "test accuracy against parameters after pruning, a panel per "
+                                   "network"),
+                       ("figure3", "the ImageNet comparison")):
+        f = sub.add_parser(name, help=what)
+        f.add_argument("results", metavar="RESULTS", help=results_help)
+        f.add_argument("-o", "--output", metavar="FILE",
+                       help=f"where to write it: .png, .pdf or .svg (default {name}.png)")
+    return p
+
+
+def _check_output(path: Optional[str], formats: Sequence[str], what: str) -> None:
+    if path is None:
+        return
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in formats:
+        raise UsageError(f"-o {path}: {what} is written as {', '.join(formats)} (by extension)")
+    if "://" not in path:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise UsageError(f"-o {path}: no folder {folder}")
+
+
+def load_trials(path: str) -> pd.DataFrame:
+    """One row per trial from a run's folder/URI, or from a Parquet table of trials."""
+    from .results import load_results, read_parquet
+
+    if path.lower().endswith(".parquet"):
+        df = read_parquet(path)
+        if not {"trial_id", "status", "test_acc", "model"} <= set(df.columns):
+            raise ResultsError(f"{path} is not a table of trials (write one with `python -m "
+                               "analysis table RUN --rows trials -o FILE.parquet`)")
+        return df
+    return load_results(path)
+
+
+def _fmt(value: object, spec: str = "") -> str:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _points_text(points: pd.DataFrame) -> list[tuple[str, ...]]:
+    from .results import LABELS, POINT_STATS
+
+    # Columns beyond the labels and statistics are the extra point keys aggregate grouped by.
+    extra = [c for c in points.columns if c not in POINT_STATS and c not in LABELS]
+    head = ("experiment", "model", "method", "init", *extra, "seeds", "test acc %", "std",
+            "params after pruning")
+    body = [(str(p["experiment"]), str(p["model"]), _fmt(p["method"]), _fmt(p["init"]),
+             *(_fmt(p[k], "g") if isinstance(p[k], float) else _fmt(p[k]) for k in extra),
+             f"{p['test_acc_count']}/{p['trials']}", _fmt(p["test_acc_mean"], ".2f"),
+             _fmt(p["test_acc_std"], ".2f"), _fmt(p["params_after_pruning"], ","))
+            for _, p in points.iterrows()]
+    return [head, *body]
+
+
+def _trials_text(df: pd.DataFrame) -> list[tuple[str, ...]]:
+    head = ("trial", "experiment", "model", "seed", "status", "epochs", "test acc %",
+            "params after pruning", "error")
+    body = [(str(t["trial_id"]), str(t["experiment"]), str(t["model"]), _fmt(t["seed"]),
+             _fmt(t["status"]), f"{_fmt(t['epoch'])}/{_fmt(t['epochs'])}",
+             _fmt(t["test_acc"], ".2f"), _fmt(t["params_after_pruning"], ","),
+             _fmt(t["error"])[:60])
+            for _, t in df.iterrows()]
+    return [head, *body]
+
+
+def _epochs_text(df: pd.DataFrame) -> list[tuple[str, ...]]:
+    head = ("trial", "experiment", "model", "seed", "epoch", "train acc %", "val acc %",
+            "test acc %", "lr")
+    body = [(str(r["trial_id"]), str(r["experiment"]), str(r["model"]), _fmt(r["seed"]),
+             _fmt(r["epoch"]), _fmt(r["train_acc"], ".2f"), _fmt(r["val_acc"], ".2f"),
+             _fmt(r["test_acc"], ".2f"), _fmt(r["lr"], ".4g"))
+            for _, r in df.iterrows()]
+    return [head, *body]
+
+
+def _status_line(trials: pd.DataFrame) -> str:
+    counts = trials["status"].fillna("unknown").value_counts()
+    return f"{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
+def _table(args: argparse.Namespace) -> int:
+    from iterand_tune.runner import format_table
+
+    from .results import aggregate, load_history, to_csv, to_parquet
+
+    _check_output(args.output, TABLE_FORMATS, "a table")
+    if args.rows == "epochs":
+        if args.results.lower().endswith(".parquet"):
+            raise UsageError(f"{args.results} holds no epochs; pass the run's folder for "
+                             "--rows epochs")
+        df = load_history(args.results)
+        lines = _epochs_text(df)
+        footer = [f"{len(df)} epochs of {df['trial_id'].nunique()} trials"]
+    else:
+        trials = load_trials(args.results)
+        df = aggregate(trials) if args.rows == "points" else trials
+        lines = _points_text(df) if args.rows == "points" else _trials_text(df)
+        footer = [_status_line(trials)]
+        if args.rows == "points":
+            footer += [f"not finished (left out of the means): {p['model']} "
+                       f"{p['experiment']}: {p['missing']}"
+                       for _, p in df.iterrows() if p["excluded"] > 0]
+    print(format_table(lines[0], lines[1:]))
+    print()
+    print("\n".join(footer))
+    if args.output:
+        (to_parquet if args.output.lower().endswith(".parquet") else to_csv)(df, args.output)
+        print(f"wrote {args.output} ({len(df)} rows, {len(df.columns)} columns)")
+    return 0
+
+
+def _figure(args: argparse.Namespace) -> int:
+    from .figures import FIGURES, save
+
+    output = args.output or f"{args.command}.png"
+    _check_output(output, FIGURE_FORMATS, "a figure")
+    trials = load_trials(args.results)
+    fig = FIGURES[args.command](trials)
+    save(fig, output)
+    print(f"wrote {output} ({_status_line(trials)})")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UsageError("give a command: table, figure1, figure2 or figure3, then a run's "
+                             "folder, e.g. `python -m analysis figure2 ray_results/NAME`")
+        return _table(args) if args.command == "table" else _figure(args)
+    except (UsageError, ResultsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `table ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

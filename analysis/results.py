@@ -1,0 +1,514 @@
+"""Stored Ray Tune runs as tidy pandas tables: one row per trial (`load_results`), one row per
+trial and epoch (`load_history`), figure points aggregated over seeds (`aggregate`), and Parquet
+round trips. Everything is read through pyarrow filesystems, so `s3://...` works like a folder.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import types
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from iterand_tune.config import FIELD_NAMES, TrialConfig, field_type
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class ResultsError(Exception):
+    """A path that holds no readable results (or a table that lacks what is asked of it);
+    the CLI prints it as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------ vocabulary
+
+# Figure-point labels (every row of every table carries them).
+LABELS = ("experiment", "network", "width", "model", "method", "init")
+METHOD_ORDER = ("sgd", "edgepopup", "iterand")
+INIT_ABBREVIATIONS = {"kaiming_uniform": "ku", "signed_constant": "sc"}
+NETWORK_ORDER = ("conv6", "resnet18", "resnet34", "resnet50", "resnet101")
+
+# Ray Tune's experiment-state status -> ours. A TERMINATED trial without a test accuracy was
+# stopped early (e.g. by ASHA): it did not finish its epochs.
+STATUSES = {"TERMINATED": "finished", "RUNNING": "running", "PENDING": "pending",
+            "PAUSED": "paused", "ERROR": "errored"}
+
+# DESIGN's per-epoch metrics with their dtypes; counts are nullable ints (absent before epoch 1).
+METRICS: dict[str, str] = {
+    "epoch": "Int64", "train_acc": "float64", "train_loss": "float64", "val_acc": "float64",
+    "val_loss": "float64", "best_val_acc": "float64", "best_epoch": "Int64", "lr": "float64",
+    "iterations": "Int64", "epoch_seconds": "float64", "params_before_pruning": "Int64",
+    "params_after_pruning": "Int64", "test_acc": "float64", "test_loss": "float64",
+}
+RAY_TIMES = {"time_this_iter_s": "float64", "time_total_s": "float64", "timestamp": "float64"}
+# Ray Tune's bookkeeping in result.json: not metrics.
+RAY_KEYS = frozenset({"config", "trial_id", "date", "hostname", "node_ip", "pid", "done",
+                      "training_iteration", "iterations_since_restore", "time_since_restore",
+                      "checkpoint_dir_name", "should_checkpoint", "experiment_tag",
+                      "timesteps_total", "timesteps_since_restore", "episodes_total",
+                      "experiment_id"})
+# In load_results the config's `lr` (the base rate) keeps its name; the last epoch's rate is this.
+LAST_LR = "last_lr"
+
+# Config fields that never define a figure point (they differ between machines or are the seed).
+NOT_POINT_KEYS = frozenset({"seed", "dataset_dir", "model"})
+
+
+def config_dtype(name: str) -> str:
+    """The pandas dtype of TrialConfig field `name` in our tables: fixed, so every run's tables
+    share one schema and Parquet files concatenate; nullable, since a trial whose config could
+    not be read (or an optional field) has no value."""
+    base, _ = field_type(name)
+    if base is bool:
+        return "boolean"
+    if base is int:
+        return "Int64"
+    if base is float:
+        return "float64"
+    return "string"  # str, and tuples (lr_milestones) stored as JSON text
+
+
+def parse_model(model: str) -> tuple[str, float]:
+    """`conv6x0.5` -> ("conv6", 0.5); `resnet50` -> ("resnet50", 1.0)."""
+    m = re.fullmatch(r"([A-Za-z]+\d*)(?:x(\d+(?:\.\d*)?|\.\d+))?", model or "")
+    if not m:
+        return model, float("nan")
+    return m.group(1), float(m.group(2)) if m.group(2) else 1.0
+
+
+def init_label(init_mode: Optional[str]) -> Optional[str]:
+    """`kaiming_uniform` -> ku, `signed_constant` -> sc; other modes keep their name."""
+    return INIT_ABBREVIATIONS.get(init_mode, init_mode) if init_mode else init_mode
+
+
+def method_label(config: dict[str, Any]) -> Optional[str]:
+    """sgd / edgepopup / iterand, by TrialConfig.method's own rule. It runs on the stored values
+    without building (and so re-validating) a TrialConfig: a stored run may hold a model or value
+    that today's validation, or a machine without torch, would refuse."""
+    values = {name: config.get(name, _default(name)) for name in FIELD_NAMES}
+    try:
+        return TrialConfig.method.fget(types.SimpleNamespace(**values))
+    except Exception:  # noqa: BLE001 - a malformed stored config: no label rather than no table
+        return None
+
+
+def _default(name: str) -> Any:
+    return TrialConfig.__dataclass_fields__[name].default
+
+
+# ------------------------------------------------------------------ reading a run
+
+@dataclass
+class _Trial:
+    trial_id: str
+    folder: Optional[str]            # filesystem path of the trial's folder (None: never started)
+    display: Optional[str]           # the folder as the user wrote the run's path (URI or path)
+    config: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    ray_status: Optional[str] = None
+    error: Optional[str] = None
+    has_error_file: bool = False
+
+    @property
+    def status(self) -> str:
+        finished = bool(self.rows) and self.rows[-1].get("test_acc") is not None
+        if self.ray_status is not None:
+            status = STATUSES.get(self.ray_status, self.ray_status.lower())
+            return "stopped" if status == "finished" and not finished else status
+        # No experiment state (or the trial is not in it): infer from the files.
+        if finished:
+            return "finished"
+        if self.has_error_file:
+            return "errored"
+        return "running" if self.rows else "pending"
+
+
+def open_path(path: PathLike) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path on it) for a folder or a URI such as s3://bucket/run."""
+    text = os.fspath(path)
+    if "://" in text:
+        try:
+            return pafs.FileSystem.from_uri(text)
+        except (pa.ArrowException, ValueError, OSError) as err:
+            raise ResultsError(f"cannot open {text}: {_first_line(err)}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _read_text(fs: pafs.FileSystem, path: str) -> Optional[str]:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode("utf-8", errors="replace")
+    except (FileNotFoundError, pa.ArrowException, OSError):
+        return None
+
+
+def _read_json(fs: pafs.FileSystem, path: str) -> Optional[Any]:
+    text = _read_text(fs, path)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:  # caught mid-write
+        return None
+
+
+def _read_result_rows(text: Optional[str]) -> list[dict[str, Any]]:
+    """result.json's reports in file order; a line cut off mid-write is skipped."""
+    rows = []
+    for line in (text or "").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("epoch") is not None:
+            rows.append(row)
+    # After a resume the epochs since the last checkpoint are reported again: the later report
+    # is the one the trial continued from.
+    last: dict[Any, dict[str, Any]] = {}
+    for row in rows:
+        last.pop(row["epoch"], None)
+        last[row["epoch"]] = row
+    return sorted(last.values(), key=lambda r: r["epoch"])
+
+
+def _experiment_state(fs: pafs.FileSystem, names: Sequence[str], root: str) -> dict[str, dict]:
+    """trial_id -> {status, config, relative_logdir} from the newest readable experiment state."""
+    for name in sorted((n for n in names if re.fullmatch(r"experiment_state-.*\.json", n)),
+                       reverse=True):  # the names end in a sortable time stamp
+        state = _read_json(fs, _join(root, name))
+        if not isinstance(state, dict) or not isinstance(state.get("trial_data"), list):
+            continue
+        out = {}
+        for item in state["trial_data"]:
+            try:
+                trial = json.loads(item[0]) if isinstance(item[0], str) else item[0]
+            except (json.JSONDecodeError, IndexError, TypeError):
+                continue
+            if not isinstance(trial, dict) or "trial_id" not in trial:
+                continue
+            config = trial.get("config")
+            # Configs that are not plain JSON are stored as cloudpickle: never unpickled here.
+            trial_cfg = config.get("trial") if isinstance(config, dict) else None
+            out[trial["trial_id"]] = dict(
+                status=trial.get("status"),
+                config=trial_cfg if isinstance(trial_cfg, dict) else {},
+                logdir=trial.get("relative_logdir") if isinstance(
+                    trial.get("relative_logdir"), str) else None)
+        return out
+    return {}
+
+
+def _list(fs: pafs.FileSystem, root: str, shown: str) -> list[pafs.FileInfo]:
+    try:
+        info = fs.get_file_info(root)
+    except (pa.ArrowException, OSError) as err:
+        raise ResultsError(f"cannot read {shown}: {_first_line(err)}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ResultsError(f"no results at {shown}: no such folder")
+    if info.type != pafs.FileType.Directory:
+        raise ResultsError(f"{shown} is a file, not a run's folder (STORAGE/NAME, which holds "
+                           "experiment_state-*.json and one folder per trial)")
+    try:
+        return fs.get_file_info(pafs.FileSelector(root))
+    except (pa.ArrowException, OSError) as err:
+        raise ResultsError(f"cannot list {shown}: {_first_line(err)}") from None
+
+
+def _read_run(path: PathLike) -> list[_Trial]:
+    """Every trial of the run at `path`: configs, reports, statuses, errors."""
+    shown = os.fspath(path)
+    fs, root = open_path(path)
+    entries = _list(fs, root, shown)
+    names = [e.base_name for e in entries]
+    state = _experiment_state(fs, names, root)
+    folders = [e.base_name for e in entries if e.type == pafs.FileType.Directory]
+    by_logdir = {s["logdir"]: tid for tid, s in state.items() if s["logdir"]}
+
+    def read(folder: str) -> Optional[_Trial]:
+        base = _join(root, folder)
+        params = _read_json(fs, _join(base, "params.json"))
+        text = _read_text(fs, _join(base, "result.json"))
+        error = _read_text(fs, _join(base, "error.txt"))
+        if params is None and text is None and error is None and folder not in by_logdir:
+            return None  # not a trial's folder (e.g. Ray's driver artifacts)
+        rows = _read_result_rows(text)
+        config = params.get("trial") if isinstance(params, dict) else None
+        if not isinstance(config, dict):
+            config = rows[-1].get("config", {}).get("trial", {}) if rows else {}
+        trial_id = by_logdir.get(folder) or (rows[-1].get("trial_id") if rows else None) \
+            or folder.rsplit("-", 1)[-1]
+        display = shown.rstrip("/") + "/" + folder if "://" in shown else base
+        return _Trial(trial_id, base, display, dict(config), rows, has_error_file=error is not None,
+                      error=_last_line(error) if error is not None else None)
+
+    # Object stores answer slowly but in parallel: read the trials' files concurrently.
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        trials = [t for t in pool.map(read, folders) if t is not None]
+    known = {t.trial_id for t in trials}
+    for t in trials:
+        if t.trial_id in state:
+            t.ray_status = state[t.trial_id]["status"]
+            if not t.config:
+                t.config = dict(state[t.trial_id]["config"])
+    # Trials Ray has not started yet have no folder, only an entry in the experiment state.
+    for tid, s in state.items():
+        if tid not in known:
+            trials.append(_Trial(tid, None, None, dict(s["config"]), ray_status=s["status"]))
+    if not trials:
+        runs = [n for n in folders if _looks_like_run(fs, _join(root, n))]
+        hint = (f"; it holds runs: {', '.join(sorted(runs)[:5])}{', ...' if len(runs) > 5 else ''}"
+                " - pass one of them" if runs else "")
+        raise ResultsError(f"no Ray Tune results at {shown} (no experiment_state-*.json, no trial "
+                           f"folders with params.json){hint}")
+    return sorted(trials, key=lambda t: t.trial_id)  # Ray numbers trials in grid order
+
+
+def _looks_like_run(fs: pafs.FileSystem, folder: str) -> bool:
+    try:
+        return any(re.fullmatch(r"experiment_state-.*\.json", e.base_name)
+                   for e in fs.get_file_info(pafs.FileSelector(folder)))
+    except (pa.ArrowException, OSError):
+        return False
+
+
+def _last_line(text: str) -> str:
+    """The exception line of a traceback (its last non-empty line)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _labels(trial_id: str, config: dict[str, Any]) -> dict[str, Any]:
+    if not config:  # a trial whose config could not be read: no labels rather than wrong ones
+        return dict(trial_id=trial_id)
+    network, width = parse_model(config.get("model", ""))
+    return dict(trial_id=trial_id, experiment=config.get("experiment"), network=network,
+                width=width, model=config.get("model"), method=method_label(config),
+                init=init_label(config.get("init_mode")))
+
+
+def _config_values(config: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name in FIELD_NAMES:
+        # A field the run predates had its default; a config we could not read has nothing.
+        value = config.get(name, _default(name)) if config else None
+        if isinstance(value, (list, tuple)):
+            value = json.dumps(list(value))
+        out[name] = value
+    return out
+
+
+def _extra_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Scalars a trainable reported beyond DESIGN's metrics (e.g. the runner's `node_id`), kept
+    rather than dropped: name -> dtype (numbers float64, text string)."""
+    seen: dict[str, str] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key in METRICS or key in RAY_TIMES or key in RAY_KEYS or key in seen:
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                seen[key] = "float64"
+            elif isinstance(value, str):
+                seen[key] = "string"
+    return seen
+
+
+def _typed(records: list[dict[str, Any]], dtypes: dict[str, str]) -> pd.DataFrame:
+    """A DataFrame with exactly these columns and dtypes (missing values as NA/NaN)."""
+    df = pd.DataFrame.from_records(records, columns=list(dtypes))
+    for column, dtype in dtypes.items():
+        values = df[column]
+        if dtype == "float64":
+            df[column] = pd.to_numeric(values, errors="coerce").astype("float64")
+        elif dtype in ("Int64", "int64"):
+            df[column] = pd.to_numeric(values, errors="coerce").astype(dtype)
+        else:  # boolean, string: None (not NaN) is what the nullable dtypes take as missing
+            df[column] = values.astype("object").where(values.notna(), None).astype(dtype)
+    return df
+
+
+def _label_dtypes() -> dict[str, str]:
+    return {"trial_id": "string", "experiment": "string", "network": "string",
+            "width": "float64", "model": "string", "method": "string", "init": "string"}
+
+
+# ------------------------------------------------------------------ public tables
+
+def load_results(path: PathLike) -> pd.DataFrame:
+    """One row per trial of the run at `path` (a folder or a URI such as s3://bucket/run).
+
+    Columns: `trial_id`, the figure-point labels `experiment, network, width, model, method`
+    (sgd / edgepopup / iterand) and `init` (ku / sc / other init modes by name), `status`
+    (finished / running / pending / errored / stopped), every TrialConfig field under its own
+    name (`lr_milestones` as JSON text), the last reported epoch's metrics (`epoch`, `test_acc`,
+    ..., the last epoch's learning rate as `last_lr`), Ray's `time_total_s`, `error` (the
+    exception line of error.txt, when there is one) and `path` (the trial's folder).
+    """
+    trials = _read_run(path)
+    extra = _extra_metrics([t.rows[-1] for t in trials if t.rows])
+    dtypes = {**_label_dtypes(), "status": "string",
+              **{name: config_dtype(name) for name in FIELD_NAMES if name != "model"},
+              **{(LAST_LR if k == "lr" else k): v for k, v in METRICS.items()},
+              "time_total_s": "float64", **extra,
+              "error": "string", "path": "string"}
+    records = []
+    for t in trials:
+        last = t.rows[-1] if t.rows else {}
+        record = {**_config_values(t.config), **_labels(t.trial_id, t.config), "status": t.status}
+        for key in (*METRICS, "time_total_s", *extra):
+            record[LAST_LR if key == "lr" else key] = last.get(key)
+        record.update(error=t.error, path=t.display)
+        records.append(record)
+    return _typed(records, dtypes)
+
+
+def load_history(path: PathLike) -> pd.DataFrame:
+    """One row per trial and epoch of the run at `path`: `trial_id`, the figure-point labels,
+    `seed`, `status`, every reported metric (`epoch`, `train_acc`, ..., `lr`; `test_acc` and
+    `test_loss` only on the last epoch) and Ray's `time_this_iter_s`, `time_total_s`,
+    `timestamp`. An epoch reported twice (re-run after a resume) keeps its last report. Join
+    other config fields from `load_results` on `trial_id`.
+    """
+    trials = _read_run(path)
+    extra = _extra_metrics([r for t in trials for r in t.rows])
+    dtypes = {**_label_dtypes(), "seed": "Int64", "status": "string", **METRICS, **RAY_TIMES,
+              **extra}
+    records = []
+    for t in trials:
+        head = {**_labels(t.trial_id, t.config), "seed": t.config.get("seed"), "status": t.status}
+        for row in t.rows:
+            records.append({**head, **{k: row.get(k) for k in (*METRICS, *RAY_TIMES, *extra)}})
+    return _typed(records, dtypes)
+
+
+def point_keys(results: pd.DataFrame) -> list[str]:
+    """The columns that tell figure points apart: the labels, plus every config field that varies
+    inside one experiment other than the seed (e.g. `rerand_lambda` in figure 1)."""
+    keys = [c for c in LABELS if c in results.columns]
+    if "experiment" not in results.columns:
+        return keys
+    for name in FIELD_NAMES:
+        if name in NOT_POINT_KEYS or name not in results.columns:
+            continue
+        varies = results.groupby("experiment", dropna=False, sort=False)[name].nunique(dropna=False)
+        if (varies > 1).any():
+            keys.append(name)
+    return keys
+
+
+def finished(results: pd.DataFrame) -> pd.Series:
+    """Rows that count: status finished and a test accuracy."""
+    ok = results["test_acc"].notna()
+    if "status" in results.columns:
+        ok &= results["status"].eq("finished").fillna(False).astype(bool)
+    return ok
+
+
+# The columns aggregate adds after the point keys.
+POINT_STATS = ("trials", "excluded", "test_acc_mean", "test_acc_std", "test_acc_count",
+               "params_after_pruning", "params_before_pruning", "missing")
+
+
+def aggregate(results: pd.DataFrame, by: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """One row per figure point (`by`, default `point_keys(results)`): `trials`, `excluded`
+    (trials that did not finish: not counted), `test_acc_mean`, `test_acc_std` (sample std,
+    ddof = 1; NaN for one seed), `test_acc_count` (finished seeds), `params_after_pruning` and
+    `params_before_pruning` (mean over the trials that report them: the same for every seed),
+    and `missing` (e.g. "seed 2 running"). Points keep the order of their first trial.
+    """
+    keys = list(by) if by is not None else point_keys(results)
+    if not keys:
+        raise ResultsError("aggregate needs figure-point columns such as experiment and model")
+    df = results.copy()
+    df["_ok"] = finished(df)
+    rows = []
+    for key, group in df.groupby(keys, dropna=False, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        acc = group.loc[group["_ok"], "test_acc"].astype("float64")
+        row = dict(zip(keys, key))
+        row.update(trials=len(group), excluded=int((~group["_ok"]).sum()),
+                   test_acc_mean=acc.mean() if len(acc) else np.nan,
+                   test_acc_std=acc.std(ddof=1) if len(acc) > 1 else np.nan,
+                   test_acc_count=len(acc))
+        for name in ("params_after_pruning", "params_before_pruning"):
+            values = group[name].dropna().astype("float64") if name in group else []
+            row[name] = round(float(np.mean(values))) if len(values) else pd.NA
+        row["missing"] = "; ".join(_missing(group[~group["_ok"]])) or pd.NA
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=[*keys, *POINT_STATS])
+    for name in keys:
+        if name in results.columns:
+            out[name] = out[name].astype(results[name].dtype)
+    return out.astype({"trials": "int64", "excluded": "int64", "test_acc_mean": "float64",
+                       "test_acc_std": "float64", "test_acc_count": "int64",
+                       "params_after_pruning": "Int64", "params_before_pruning": "Int64",
+                       "missing": "string"})
+
+
+def _missing(group: pd.DataFrame) -> list[str]:
+    out = []
+    for _, row in group.iterrows():
+        who = f"seed {row['seed']}" if "seed" in row and pd.notna(row["seed"]) else \
+            str(row.get("trial_id", "a trial"))
+        status = row.get("status")
+        out.append(f"{who} {status if isinstance(status, str) else 'without test accuracy'}")
+    return out
+
+
+# ------------------------------------------------------------------ Parquet
+
+def to_parquet(df: pd.DataFrame, path: PathLike) -> None:
+    """Write `df` (any of our tables) as Parquet to a file path or URI; dtypes are kept."""
+    fs, where = open_path(path)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    try:
+        pq.write_table(table, where, filesystem=fs)
+    except (pa.ArrowException, OSError) as err:
+        raise ResultsError(f"cannot write {os.fspath(path)}: {_first_line(err)}") from None
+
+
+def read_parquet(path: PathLike) -> pd.DataFrame:
+    """Read a table written by `to_parquet` (file path or URI) with its dtypes."""
+    fs, where = open_path(path)
+    try:
+        return pq.read_table(where, filesystem=fs).to_pandas()
+    except FileNotFoundError:
+        raise ResultsError(f"no Parquet file at {os.fspath(path)}") from None
+    except (pa.ArrowException, OSError) as err:
+        raise ResultsError(f"cannot read {os.fspath(path)} as Parquet: "
+                           f"{_first_line(err)}") from None
+
+
+def write_bytes(data: bytes, path: PathLike) -> None:
+    """Write `data` to a file path or URI (figures and CSV tables go through here)."""
+    fs, where = open_path(path)
+    try:
+        with fs.open_output_stream(where) as f:
+            f.write(data)
+    except (pa.ArrowException, OSError) as err:
+        raise ResultsError(f"cannot write {os.fspath(path)}: {_first_line(err)}") from None
+
+
+def to_csv(df: pd.DataFrame, path: PathLike) -> None:
+    """Write `df` as CSV (no index) to a file path or URI."""
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    write_bytes(buf.getvalue().encode("utf-8"), path)
