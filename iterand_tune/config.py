@@ -18,6 +18,8 @@ OPTIMIZERS = ("SGD", "AdamW")
 LR_SCHEDULERS = ("CustomCosineLR", "MultiStepLR")
 RERAND_MODES = ("bernoulli", "manual")
 RERAND_FREQ_UNITS = ("iteration", "epoch")
+AUTOCAST_DTYPES = ("bf16",)
+DATASETS = ("cifar10", "cifar100", "mnist", "digits", "imagenet", "synthetic_cifar10")
 
 
 class ConfigError(ValueError):
@@ -30,7 +32,7 @@ class TrialConfig:
 
     # -- what to train ---------------------------------------------------------------
     model: str = "conv6x1.0"            # registry name, e.g. conv6x0.5, resnet18x2.0, resnet50
-    dataset: str = "cifar10"            # cifar10 | cifar100 | mnist | digits | imagenet
+    dataset: str = "cifar10"            # cifar10 | cifar100 | mnist | digits | imagenet | synthetic_cifar10
     seed: int = 1                       # seeds python, numpy, torch (CPU and CUDA)
 
     # -- data ------------------------------------------------------------------------
@@ -82,6 +84,13 @@ class TrialConfig:
     deterministic: bool = True          # cuDNN deterministic algorithms (SPEC 6)
     debug_max_iters: Optional[int] = None  # cap iterations per epoch (smoke tests)
     debug_max_eval_iters: Optional[int] = None  # cap batches of each evaluation (smoke tests)
+    # Hyperparameter search trials set this False: the test set must not inform any choice.
+    evaluate_test: bool = True          # test accuracy after the last epoch
+    # Speed options (README "GPU speed"); the defaults are faithful fp32 eager training.
+    channels_last: bool = False         # NHWC model and inputs (tensor-core convs); same maths
+    autocast: Optional[str] = None      # None: fp32 | "bf16": bfloat16 autocast of forward + loss
+    compile: bool = False               # torch.compile the forward network (a compile per shape)
+    cudnn_benchmark: Optional[bool] = None  # None: on exactly when deterministic is false
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -227,7 +236,7 @@ def _validate(cfg: TrialConfig) -> None:
         _check(False, "model", cfg.model,
                f"unknown model{hint}; known: conv6xF, resnet18xF, resnet34xF, resnet50, resnet101 "
                "(F = width factor > 0)")
-    _choice(cfg, "dataset", ("cifar10", "cifar100", "mnist", "digits", "imagenet"))
+    _choice(cfg, "dataset", DATASETS)
     _check(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
     if cfg.max_train_dataset_size is not None:
         _check(cfg.max_train_dataset_size >= 1, "max_train_dataset_size",
@@ -295,6 +304,11 @@ def _validate(cfg: TrialConfig) -> None:
     for name in ("debug_max_iters", "debug_max_eval_iters"):
         v = getattr(cfg, name)
         _check(v is None or v >= 1, name, v, "must be >= 1 or None")
+    _choice(cfg, "autocast", AUTOCAST_DTYPES, optional=True)
+    if cfg.cudnn_benchmark:
+        # Benchmark mode picks the fastest algorithm by timing, which varies from run to run.
+        _check(not cfg.deterministic, "cudnn_benchmark", cfg.cudnn_benchmark,
+               "needs deterministic=False (cuDNN's autotuner is not deterministic)")
 
 
 _FIELD_TYPES.update(typing.get_type_hints(TrialConfig))

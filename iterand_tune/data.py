@@ -1,6 +1,7 @@
 """Datasets for iterand_tune: readers for CIFAR-10/100, MNIST, sklearn digits and ImageNet folders,
-the fixed train/val splits of SPEC.md section 5, and loaders that keep uint8 images on the device
-and augment whole batches there (random-resized-crop + flip with torchvision's sampling rules).
+a synthetic CIFAR-shaped dataset for speed measurements, the fixed train/val splits of SPEC.md
+section 5, and loaders that keep uint8 images on the device and augment whole batches there
+(random-resized-crop + flip with torchvision's sampling rules).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import gzip
 import math
 import os
 import pickle
+import socket
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -34,6 +36,7 @@ __all__ = [
     "load_cifar100",
     "load_mnist",
     "load_digits",
+    "load_synthetic",
     "split_train_val",
     "load_splits",
     "sample_crop_params",
@@ -53,6 +56,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # sklearn digits: fixed train / val / test sizes of one seeded permutation of all 1,797 images.
 DIGITS_SPLIT = (1257, 180, 360)
+# synthetic_cifar10: CIFAR-10's train / val / test sizes after SPEC 5's split.
+SYNTHETIC_SPLIT = (45000, 5000, 10000)
 
 _DOWNLOAD_HINT = (
     "pass --download (dataset_download=True) on a machine with internet, "
@@ -104,6 +109,9 @@ DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo("mnist", 10, 32, IMAGENET_MEAN, IMAGENET_STD),
     "digits": DatasetInfo("digits", 10, 32, IMAGENET_MEAN, IMAGENET_STD),
     "imagenet": DatasetInfo("imagenet", 1000, 224, IMAGENET_MEAN, IMAGENET_STD),
+    # Fixed-seed random images of CIFAR-10's shape, sizes and augmentation: for measuring speed
+    # where no dataset can be fetched. Labels are random, so there is nothing to learn.
+    "synthetic_cifar10": DatasetInfo("synthetic_cifar10", 10, 32, IMAGENET_MEAN, IMAGENET_STD),
 }
 
 
@@ -120,7 +128,7 @@ def dataset_info(name: str) -> DatasetInfo:
 def train_augmentation(name: str, padding_before_crop: bool) -> AugmentSpec:
     """The training augmentation policy of an in-memory dataset (SPEC.md section 5)."""
     dataset_info(name)
-    if name in ("cifar10", "cifar100"):
+    if name in ("cifar10", "cifar100", "synthetic_cifar10"):
         return AugmentSpec(pad=4 if padding_before_crop else 0)
     if name in ("mnist", "digits"):
         # Digits must not be mirrored, and small crops destroy them: keep at least half the area.
@@ -152,6 +160,9 @@ def _root(root: str | os.PathLike) -> str:
     return os.path.abspath(os.path.expanduser(os.fspath(root)))
 
 
+DOWNLOAD_TIMEOUT_S = 60.0  # a node behind a silent firewall fails in a minute instead of hanging
+
+
 def _download_locked(root: str, name: str, fetch: Any) -> None:
     """Run `fetch()` under a file lock in `root` so concurrent trials on a node download once."""
     from filelock import FileLock
@@ -161,8 +172,13 @@ def _download_locked(root: str, name: str, fetch: Any) -> None:
         lock = FileLock(os.path.join(root, f".{name}.lock"))
     except OSError as err:
         raise DataError(f"cannot create data folder {root} ({err}): choose a writable --data-dir") from None
-    with lock:
-        fetch()
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torchvision's urlopen takes no timeout itself
+    try:
+        with lock:
+            fetch()
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _fetch_archive(url: str, root: str, filename: str, md5: str, title: str) -> None:
@@ -363,6 +379,23 @@ def load_digits() -> Arrays:
     return x[train], y[train], x[test], y[test]
 
 
+def load_synthetic(max_train_dataset_size: int | None = None) -> TensorSplits:
+    """synthetic_cifar10: uniform random uint8 [N, 3, 32, 32] images with uniform random labels
+    0..9, SYNTHETIC_SPLIT images per split, each split from its own fixed seed (the same on every
+    machine). `max_train_dataset_size` makes fewer training images (and costs less to make)."""
+    n_train, n_val, n_test = SYNTHETIC_SPLIT
+    if max_train_dataset_size is not None:
+        if max_train_dataset_size < 1:
+            raise DataError(f"max_train_dataset_size must be a positive integer, got {max_train_dataset_size}")
+        n_train = min(n_train, max_train_dataset_size)
+    parts: list[Tensor] = []
+    for part, n in enumerate((n_train, n_val, n_test)):
+        rng = np.random.default_rng([SPLIT_SEED, part])
+        parts.append(torch.from_numpy(rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)))
+        parts.append(torch.from_numpy(rng.integers(0, 10, size=n, dtype=np.int64)))
+    return TensorSplits(DATASETS["synthetic_cifar10"], *parts)
+
+
 # --------------------------------------------------------------------------------------------
 # Splits
 # --------------------------------------------------------------------------------------------
@@ -395,8 +428,11 @@ def load_splits(
     max_train_dataset_size: int | None = None,
     verify: bool = True,
 ) -> TensorSplits:
-    """Read an in-memory dataset (cifar10, cifar100, mnist, digits) and cut its fixed train/val/test splits."""
+    """Read an in-memory dataset (cifar10, cifar100, mnist, digits, synthetic_cifar10) and cut its
+    fixed train/val/test splits."""
     info = dataset_info(name)
+    if name == "synthetic_cifar10":
+        return load_synthetic(max_train_dataset_size)
     if name == "digits":
         train_x, train_y, test_x, test_y = load_digits()
         n_train = DIGITS_SPLIT[0]
@@ -644,7 +680,7 @@ def prepare_dataset(name: str, root: str | os.PathLike, *, download: bool) -> No
                 raise DataError(f"ImageNet not found in {_root(root)} (expected train/ and val/ class "
                                 "folders); it cannot be downloaded automatically: point --data-dir at it")
         return
-    if name != "digits":
+    if name not in ("digits", "synthetic_cifar10"):  # nothing to fetch: made in memory
         load_splits(name, root, download=download)
 
 
@@ -728,7 +764,7 @@ def _cached_splits(
     name: str, root: str, download: bool, max_train: int | None, verify: bool = True
 ) -> TensorSplits:
     # Several trainers in one process (tests, sequential trials) would otherwise re-read and re-verify files.
-    key = (name, "" if name == "digits" else _root(root), max_train, verify)
+    key = (name, "" if name in ("digits", "synthetic_cifar10") else _root(root), max_train, verify)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)

@@ -29,10 +29,11 @@ def _threshold(scores: Tensor, k: int, scratch: Optional[Tensor] = None) -> Tens
     of allocating a copy.
     """
     flat = scores.detach().reshape(-1)
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+    if (flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling()):  # torch.compile cannot trace numpy's select
         # numpy's introselect is about twice as fast as torch.kthvalue on CPU, and the
         # threshold is recomputed for every layer at every step.
-        if scratch is None:
+        if scratch is None or not scratch.is_contiguous():
             a = np.partition(flat.numpy(), k - 1)
         else:
             a = scratch.view(-1).copy_(flat).numpy()
@@ -152,9 +153,12 @@ class SparseMixin:
         if self.scores is None:
             return
         w = self.weight
-        if self._rerand_draw is None or self._rerand_draw.shape != w.shape:
-            self._rerand_draw = torch.empty_like(w)
-            self._rerand_pick = torch.empty_like(w)
+        if (self._rerand_draw is None or self._rerand_draw.shape != w.shape
+                or not self._rerand_draw.is_contiguous()):  # e.g. after model.to(channels_last)
+            # Contiguous whatever w's layout (channels_last): the draws then land on the same
+            # elements in either layout, so channels_last does not change which weights IteRand draws.
+            self._rerand_draw = torch.empty_like(w, memory_format=torch.contiguous_format)
+            self._rerand_pick = torch.empty_like(w, memory_format=torch.contiguous_format)
         draw, pick = self._rerand_draw, self._rerand_pick
         # pruned = 1 where S < t(p * rate): the complement of that mask.
         t = _threshold(self.scores, mask_k(self.scores.numel(), self.sparsity * rerand_rate), scratch=draw)

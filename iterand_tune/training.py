@@ -1,6 +1,8 @@
 """Trainer: one trial of SGD / edge-popup / IteRand (SPEC.md 6), epoch by epoch, on the trial's
 device, with a state_dict that resumes bit-exactly (model, optimizer, schedule position,
-iteration counter, best-so-far and every RNG state).
+iteration counter, best-so-far and every RNG state), and the trial's runtime options
+(channels_last, bf16 autocast, torch.compile, cuDNN autotuning). A training step never reads a
+tensor back to the host: loss and accuracy are summed on the device and read once per epoch.
 """
 from __future__ import annotations
 
@@ -8,11 +10,14 @@ import bisect
 import math
 import random
 import time
-from typing import Any, Iterator, Optional, Union
+import warnings
+from contextlib import nullcontext
+from typing import Any, ContextManager, Iterator, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .config import TrialConfig
 from .data import Loaders, make_loaders
@@ -20,6 +25,7 @@ from .models import count_parameters, create_model
 from .supermask import rerandomize_
 
 Device = Union[str, torch.device, None]
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 
 
 def lr_at(cfg: TrialConfig, epoch: int) -> float:
@@ -43,6 +49,14 @@ def resolve_device(cfg: TrialConfig, device: Device = None) -> torch.device:
     return torch.device("cuda" if cfg.use_cuda and torch.cuda.is_available() else "cpu")
 
 
+def cudnn_flags(cfg: TrialConfig) -> tuple[bool, bool]:
+    """(cudnn.deterministic, cudnn.benchmark) for a CUDA trial. Autotuning times candidate
+    algorithms and keeps the fastest, which can change from run to run, so it is on only when
+    determinism is not asked for (TrialConfig refuses both at once)."""
+    benchmark = not cfg.deterministic if cfg.cudnn_benchmark is None else cfg.cudnn_benchmark
+    return cfg.deterministic, benchmark
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -58,8 +72,7 @@ class Trainer:
         self.device = resolve_device(cfg, device)
         seed_everything(cfg.seed)
         if self.device.type == "cuda":
-            torch.backends.cudnn.deterministic = cfg.deterministic
-            torch.backends.cudnn.benchmark = not cfg.deterministic
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags(cfg)
         # Data order and augmentation draw from their own generator, so that they do not
         # depend on how many numbers model init or re-randomisation consumed.
         self.data_generator = torch.Generator(device=self.device)
@@ -67,12 +80,23 @@ class Trainer:
         self.loaders: Loaders = make_loaders(cfg, self.device, self.data_generator)
         info = self.loaders.info
         self.model = create_model(cfg.model, cfg, info.num_classes, info.image_size).to(self.device)
+        if cfg.channels_last:  # 4-d weights and scores NHWC; values (and checkpoints) unchanged
+            self.model.to(memory_format=torch.channels_last)
         # A trial given several GPUs (ImageNet ResNet-50/101) splits each batch over them;
         # re-randomisation and checkpoints act on `self.model`, which the replicas share.
         self.net: torch.nn.Module = self.model
         if self.device.type == "cuda" and num_gpus > 1 and torch.cuda.device_count() > 1:
             self.net = torch.nn.DataParallel(self.model, device_ids=list(range(
                 min(num_gpus, torch.cuda.device_count()))))
+        if cfg.compile:
+            if isinstance(self.net, torch.nn.DataParallel):
+                warnings.warn("compile=True is ignored for a trial split over several GPUs "
+                              "(DataParallel replicates the module at every step)", stacklevel=2)
+            else:
+                # The compiled module shares the model's parameters and buffers, so in-place
+                # re-randomisation and checkpoints of `self.model` see and change the same tensors.
+                self.net = torch.compile(self.model)
+        self.autocast_dtype: Optional[torch.dtype] = AUTOCAST_DTYPES.get(cfg.autocast or "")
         score_only = cfg.train_mode == "score_only"
         for name, p in self.model.named_parameters():
             p.requires_grad_(name.endswith("scores") if score_only else True)
@@ -120,7 +144,8 @@ class Trainer:
         lr = lr_at(cfg, self.epoch)
         for group in opt.param_groups:
             group["lr"] = lr
-        interval = self.rerand_interval
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # allocator counters: no sync
         model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
@@ -128,18 +153,11 @@ class Trainer:
         for i, (x, y) in enumerate(self.loaders.train):
             if i >= self.iters_per_epoch:
                 break
-            if interval is not None and (self.iteration + 1) % interval == 0:
-                rerandomize_(model, cfg.rerand_mode, cfg.rerand_lambda, cfg.rerand_mu, cfg.rerand_rate)
-            out = self.net(x)
-            loss = F.cross_entropy(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            batch_loss, batch_correct = self.train_step(x, y)
             # Accumulate on the device; read back once per epoch.
-            loss_sum += loss.detach() * y.shape[0]
-            correct += (out.detach().argmax(1) == y).sum()
+            loss_sum += batch_loss
+            correct += batch_correct
             seen += y.shape[0]
-            self.iteration += 1
         val_loss, val_acc = self.evaluate("val")
         self.epoch += 1
         if val_acc > self.best_val_acc:
@@ -156,11 +174,42 @@ class Trainer:
             "iterations": self.iteration,
             **self.param_counts,
         }
-        if self.done:
+        if self.done and cfg.evaluate_test:
             test_loss, test_acc = self.evaluate("test")
             metrics.update(test_acc=test_acc, test_loss=test_loss)
+        if self.device.type == "cuda":  # this epoch's peak, training and evaluation
+            metrics["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         metrics["epoch_seconds"] = time.perf_counter() - start
         return metrics
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One training iteration on the batch (x, y): IteRand's re-randomisation when it is due
+        (SPEC 3), forward, backward, optimizer step. Returns the batch's summed loss and its
+        number of correct predictions as device tensors: nothing here waits for the device."""
+        cfg = self.config
+        interval = self.rerand_interval
+        if interval is not None and (self.iteration + 1) % interval == 0:
+            rerandomize_(self.model, cfg.rerand_mode, cfg.rerand_lambda, cfg.rerand_mu, cfg.rerand_rate)
+        with self.autocast():
+            out = self.net(self.to_input(x))
+            loss = F.cross_entropy(out, y)  # autocast computes it in fp32
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.iteration += 1
+        return loss.detach() * y.shape[0], (out.detach().argmax(1) == y).sum()
+
+    def autocast(self) -> ContextManager:
+        """The mixed-precision context of forward passes (a no-op for fp32 trials)."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def to_input(self, x: Tensor) -> Tensor:
+        """A batch in the network's memory format (NHWC with channels_last)."""
+        if self.config.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def fit(self) -> Iterator[dict[str, Any]]:
         """Yield the metrics of every remaining epoch."""
@@ -178,8 +227,10 @@ class Trainer:
         for i, (x, y) in enumerate(loader):
             if self.config.debug_max_eval_iters and i >= self.config.debug_max_eval_iters:
                 break
-            out = self.net(x)
-            loss_sum += F.cross_entropy(out, y, reduction="sum")
+            with self.autocast():
+                out = self.net(self.to_input(x))
+                batch_loss = F.cross_entropy(out, y, reduction="sum")
+            loss_sum += batch_loss
             correct += (out.argmax(1) == y).sum()
             seen += y.shape[0]
         return loss_sum.item() / max(seen, 1), 100.0 * correct.item() / max(seen, 1)

@@ -444,3 +444,51 @@ def test_non_finite_values_are_refused(options, field):
 def test_multisteplr_with_empty_milestones_is_refused():
     with pytest.raises(ConfigError, match=r"TrialConfig\.lr_milestones = \(\)"):
         TrialConfig(lr_scheduler="MultiStepLR", lr_milestones=[])
+
+
+# ---------------------------------------------------------------- runtime (speed) options
+
+
+def test_speed_options_default_to_faithful_fp32_eager():
+    cfg = TrialConfig()
+    assert (cfg.channels_last, cfg.autocast, cfg.compile, cfg.cudnn_benchmark) == (False, None, False, None)
+    assert cfg.deterministic is True
+
+
+@pytest.mark.parametrize("options", [
+    dict(channels_last=True), dict(autocast="bf16"), dict(compile=True),
+    dict(deterministic=False, cudnn_benchmark=True), dict(cudnn_benchmark=False),
+    dict(channels_last=True, autocast="bf16", compile=True, deterministic=False),
+])
+def test_speed_options_are_accepted_and_round_trip(options):
+    cfg = TrialConfig(**options)
+    assert TrialConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("options, field, match", [
+    (dict(autocast="fp16"), "autocast", "'bf16' or None"),
+    (dict(autocast="bfloat16"), "autocast", "'bf16' or None"),
+    (dict(cudnn_benchmark=True), "cudnn_benchmark", "deterministic=False"),
+    (dict(channels_last=1), "channels_last", "must be bool"),
+    (dict(compile="yes"), "compile", "must be bool"),
+])
+def test_bad_speed_options_are_refused(options, field, match):
+    with pytest.raises(ConfigError) as excinfo:
+        TrialConfig(**options)
+    assert str(excinfo.value).startswith(f"TrialConfig.{field}") and match in str(excinfo.value)
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("channels_last", "true", True), ("autocast", "bf16", "bf16"), ("autocast", "none", None),
+    ("compile", "1", True), ("cudnn_benchmark", "false", False), ("cudnn_benchmark", "none", None),
+])
+def test_parse_speed_options(name, text, expected):
+    assert parse_value(name, text) == expected
+
+
+def test_config_datasets_are_the_data_modules():
+    from iterand_tune.config import DATASETS
+    from iterand_tune.data import DATASETS as DATA_DATASETS
+
+    assert set(DATASETS) == set(DATA_DATASETS)
+    assert TrialConfig(dataset="synthetic_cifar10").dataset == "synthetic_cifar10"

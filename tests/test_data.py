@@ -516,3 +516,21 @@ def test_make_loaders_caches_splits(tmp_path, monkeypatch):
     second = make_loaders(cfg, torch.device("cpu"), torch.Generator())
     assert len(calls) == 1 and len(first.train) == 5 and len(second.val) == 1
     assert first.train.augment == AugmentSpec(pad=4)
+
+
+def test_downloads_time_out_instead_of_hanging(tmp_path, monkeypatch):
+    import socket
+
+    seen = []
+
+    def silent_network(url, download_root, filename, md5):
+        seen.append(socket.getdefaulttimeout())  # what a stalled urlopen would wait for
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(data, "download_and_extract_archive", silent_network)
+    before = socket.getdefaulttimeout()
+    with pytest.raises(DataError) as err:
+        load_cifar10(tmp_path, download=True)
+    assert seen == [data.DOWNLOAD_TIMEOUT_S] and 0 < data.DOWNLOAD_TIMEOUT_S <= 120
+    assert "TimeoutError: timed out" in one_line(err)
+    assert socket.getdefaulttimeout() == before  # restored for the rest of the process

@@ -1,0 +1,374 @@
+"""GPU speed work, tested on CPU: the runtime options (channels_last, bf16 autocast,
+torch.compile, cuDNN flags) and their checkpoints, the synthetic CIFAR-shaped dataset, no host
+reads per step with the options on, and benchmarks/gpu_throughput.py (its CPU path, its
+reference-style model and its overlap arithmetic)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import iterand_tune.supermask as supermask
+from iterand_tune.config import METHODS, TrialConfig
+from iterand_tune.data import SYNTHETIC_SPLIT, load_splits, load_synthetic
+from iterand_tune.models import create_model
+from iterand_tune.supermask import rerandomize_
+from iterand_tune.training import Trainer, cudnn_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_throughput.py")
+
+
+def digits(method="edgepopup", **kw):
+    """A small CPU trial on digits; evaluation capped to one batch unless asked otherwise."""
+    base = dict(METHODS[method], dataset="digits", model="conv6x0.25", batch_size=64,
+                weight_decay=1e-4, train_augmentation=False, use_cuda=False, debug_max_eval_iters=1)
+    base.update(kw)
+    return TrialConfig(**base)
+
+
+def _strip(ms):
+    return [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in ms]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("gpu_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- channels_last
+
+
+@pytest.mark.parametrize("model", ["conv6x0.25", "resnet18x0.25"])
+def test_channels_last_gives_the_default_outputs(model):
+    plain = Trainer(digits(model=model))
+    nhwc = Trainer(digits(model=model, channels_last=True))
+    convs = [p for p in nhwc.model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    for a, b in zip(plain.model.state_dict().values(), nhwc.model.state_dict().values()):
+        assert torch.equal(a, b)  # same values, only the layout differs
+    x, _ = next(iter(plain.loaders.val))
+    assert nhwc.to_input(x).is_contiguous(memory_format=torch.channels_last)
+    plain.model.eval(), nhwc.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc.net(nhwc.to_input(x)), plain.net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_trains_like_the_default():
+    # IteRand re-draws every 2 iterations: the draws land on the same elements in either layout.
+    cfg = dict(method="iterand", epochs=2, debug_max_iters=4, rerand_freq=2, rerand_lambda=0.5)
+    plain = list(Trainer(digits(**cfg)).fit())
+    nhwc = list(Trainer(digits(**cfg, channels_last=True)).fit())
+    for a, b in zip(plain, nhwc):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+
+
+def test_rerandomize_draws_the_same_weights_in_either_layout():
+    cfg = TrialConfig(model="conv6x0.25", train_mode="score_only", conv_sparsity=0.5, bn_affine=False)
+    torch.manual_seed(0)
+    plain = create_model("conv6x0.25", cfg)
+    initial = {k: v.clone() for k, v in plain.state_dict().items()}
+    nhwc = create_model("conv6x0.25", cfg)
+    nhwc.load_state_dict(initial)
+    nhwc.to(memory_format=torch.channels_last)
+    for model in (plain, nhwc):
+        torch.manual_seed(1)
+        rerandomize_(model, "bernoulli", 0.5)
+        rerandomize_(model, "manual", 0.5, 0.3)
+    for (name, a), b in zip(plain.state_dict().items(), nhwc.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(plain.features[0].weight, initial["features.0.weight"])  # it re-drew
+
+
+def test_resume_is_bit_exact_with_channels_last(tmp_path):
+    cfg = digits("iterand", epochs=3, debug_max_iters=4, rerand_freq=3, train_augmentation=True,
+                 channels_last=True)
+    reference = Trainer(cfg)
+    expected = _strip(reference.fit())
+    final = reference.model.state_dict()
+    for k in (1, 2):
+        first = Trainer(cfg)
+        got = [first.train_epoch() for _ in range(k)]
+        first.save(str(tmp_path / "ckpt.pt"))
+        torch.manual_seed(999)
+        second = Trainer(cfg)
+        second.load(str(tmp_path / "ckpt.pt"))
+        assert all(p.is_contiguous(memory_format=torch.channels_last)
+                   for p in second.model.parameters() if p.dim() == 4)
+        got += list(second.fit())
+        assert _strip(got) == expected, f"resume after epoch {k} diverged"
+        for name, value in second.model.state_dict().items():
+            assert torch.equal(value, final[name]), name
+
+
+def test_checkpoints_move_between_layouts(tmp_path):
+    # A trial may resume with channels_last switched on or off: checkpoints hold plain values.
+    cfg = digits("iterand", epochs=2, debug_max_iters=3, rerand_freq=2)
+    expected = _strip(Trainer(cfg).fit())
+    first = Trainer(cfg.replace(channels_last=True))
+    got = [first.train_epoch()]
+    first.save(str(tmp_path / "nhwc.pt"))
+    second = Trainer(cfg)
+    second.load(str(tmp_path / "nhwc.pt"))
+    got += list(second.fit())
+    assert got[1]["train_loss"] == pytest.approx(expected[1]["train_loss"], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- bf16 autocast
+
+
+def test_bf16_autocast_trains_with_finite_loss_and_fp32_parameters():
+    t = Trainer(digits("iterand", autocast="bf16", epochs=2, debug_max_iters=4, rerand_freq=2, lr=0.3))
+    dtypes = []
+    t.model.features[0].register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    ms = list(t.fit())
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # convolutions ran in bf16, train and eval
+    for m in ms:
+        for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            assert math.isfinite(m[key]), key
+    assert math.isfinite(ms[-1]["test_loss"])
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())  # master copies stay fp32
+    scores = [k for k in before if k.endswith("scores")]
+    assert any(not torch.equal(before[k], t.model.state_dict()[k]) for k in scores)  # it learned
+
+
+def test_bf16_autocast_is_close_to_fp32():
+    fp32 = list(Trainer(digits(epochs=1, debug_max_iters=3)).fit())
+    bf16 = list(Trainer(digits(epochs=1, debug_max_iters=3, autocast="bf16")).fit())
+    assert bf16[0]["train_loss"] == pytest.approx(fp32[0]["train_loss"], rel=0.05)
+
+
+def test_no_autocast_is_a_no_op_context():
+    t = Trainer(digits(epochs=1))
+    assert t.autocast_dtype is None
+    with t.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+class _FakeCompiled(nn.Module):
+    """Stands in for torch.compile's wrapper: counts calls, delegates to the model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self._orig_mod, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self._orig_mod(x)
+
+
+def test_compile_wraps_the_forward_network_only(monkeypatch, tmp_path):
+    compiled = []
+
+    def fake_compile(model, **kw):
+        compiled.append(_FakeCompiled(model))
+        return compiled[-1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    t = Trainer(digits("iterand", compile=True, epochs=2, debug_max_iters=3, rerand_freq=2))
+    assert len(compiled) == 1 and t.net is compiled[0] and compiled[0]._orig_mod is t.model
+    ms = list(t.fit())
+    assert compiled[0].calls > 6  # training steps and evaluation batches went through it
+    # Checkpoints come from the model itself: no wrapper prefix, loadable without compile.
+    assert not any(k.startswith("_orig_mod") for k in t.state_dict()["model"])
+    t.save(str(tmp_path / "c.pt"))
+    plain = Trainer(digits("iterand", epochs=2, debug_max_iters=3, rerand_freq=2))
+    plain.load(str(tmp_path / "c.pt"))
+    assert plain.epoch == 2
+    expected = list(Trainer(digits("iterand", epochs=2, debug_max_iters=3, rerand_freq=2)).fit())
+    assert _strip(ms) == _strip(expected)  # the wrapper changes nothing else
+
+
+def test_compile_off_by_default(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled"))
+    t = Trainer(digits(epochs=1))
+    assert t.net is t.model
+
+
+@pytest.mark.slow
+def test_compile_traces_the_supermask_network(monkeypatch):
+    # Inductor takes minutes on a CPU; AOTAutograd's eager backend traces the same graph
+    # (forward and backward of the mask function, threshold by topk) and runs it in seconds.
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real(model, backend="aot_eager"))
+    torch._dynamo.reset()
+    cfg = dict(method="iterand", epochs=1, debug_max_iters=3, rerand_freq=2)
+    compiled = list(Trainer(digits(**cfg, compile=True)).fit())
+    eager = list(Trainer(digits(**cfg)).fit())
+    assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-5)
+    assert compiled[0]["val_acc"] == pytest.approx(eager[0]["val_acc"], abs=1.0)
+    torch._dynamo.reset()
+
+
+def test_threshold_under_compile_uses_torch_not_numpy(monkeypatch):
+    scores = torch.randn(4, 3, 3, 3)
+    k = supermask.mask_k(scores.numel(), 0.5)
+    expected = supermask._threshold(scores, k)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(supermask.np, "partition", lambda *a: pytest.fail("numpy under compile"))
+    assert torch.equal(supermask._threshold(scores, k), expected)
+
+
+# ----------------------------------------------------------------------------- cuDNN
+
+
+def test_cudnn_flags():
+    assert cudnn_flags(TrialConfig()) == (True, False)  # SPEC 6: deterministic, no autotuning
+    assert cudnn_flags(TrialConfig(deterministic=False)) == (False, True)
+    assert cudnn_flags(TrialConfig(deterministic=False, cudnn_benchmark=False)) == (False, False)
+    assert cudnn_flags(TrialConfig(deterministic=False, cudnn_benchmark=True)) == (False, True)
+
+
+def test_cpu_trainer_leaves_cudnn_alone():
+    before = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    Trainer(digits(epochs=1, deterministic=False))
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == before
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _host_reads(monkeypatch, iters, **options):
+    monkeypatch.setattr(supermask, "_threshold",
+                        lambda s, k, scratch=None: supermask._kth_smallest_topk(s.detach().reshape(-1), k))
+    trainer = Trainer(digits("iterand", epochs=2, debug_max_iters=iters, rerand_freq=2,
+                             train_augmentation=True, batch_size=32, **options))
+    counts = dict.fromkeys(SYNCING, 0)
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
+
+    def counting(name):
+        def wrapper(self, *a, **kw):
+            counts[name] += 1
+            return originals[name](self, *a, **kw)
+        return wrapper
+
+    with monkeypatch.context() as m:
+        for name in SYNCING:
+            m.setattr(torch.Tensor, name, counting(name))
+        trainer.train_epoch()
+    return counts
+
+
+def test_no_host_sync_per_step_with_channels_last_and_bf16(monkeypatch):
+    opts = dict(channels_last=True, autocast="bf16")
+    few, many = _host_reads(monkeypatch, 2, **opts), _host_reads(monkeypatch, 8, **opts)
+    assert few == many and few["item"] > 0
+
+
+def test_train_step_reads_nothing_back(monkeypatch):
+    t = Trainer(digits("iterand", rerand_freq=1, epochs=1))
+    monkeypatch.setattr(supermask, "_threshold",
+                        lambda s, k, scratch=None: supermask._kth_smallest_topk(s.detach().reshape(-1), k))
+    x, y = next(iter(t.loaders.train))
+    with monkeypatch.context() as m:
+        for name in SYNCING:
+            m.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host read in a step"))
+        loss, correct = t.train_step(x, y)  # re-randomises too (rerand_freq 1)
+    assert loss.device == x.device and correct.dtype == torch.long and t.iteration == 1
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def test_synthetic_cifar10_is_fixed_and_cifar_shaped():
+    a, b = load_synthetic(), load_synthetic(300)
+    assert (len(a.train_y), len(a.val_y), len(a.test_y)) == SYNTHETIC_SPLIT == (45000, 5000, 10000)
+    assert a.train_x.shape == (45000, 3, 32, 32) and a.train_x.dtype == torch.uint8
+    assert a.train_y.dtype == torch.int64 and set(a.test_y.unique().tolist()) == set(range(10))
+    assert len(b.train_y) == 300
+    assert torch.equal(a.val_x, b.val_x) and torch.equal(a.test_y, b.test_y)  # same held-out sets
+    assert torch.equal(load_splits("synthetic_cifar10", "/nonexistent").val_x, a.val_x)
+    assert not torch.equal(a.val_x[:100], a.test_x[:100])
+
+
+def test_synthetic_cifar10_trains_with_cifar_augmentation():
+    cfg = TrialConfig(**{**METHODS["edgepopup"], "dataset": "synthetic_cifar10", "model": "conv6x0.25",
+                         "epochs": 1, "batch_size": 32, "debug_max_iters": 2, "debug_max_eval_iters": 1,
+                         "max_train_dataset_size": 64, "use_cuda": False})
+    t = Trainer(cfg)
+    assert t.loaders.train.augment.pad == 4 and t.loaders.train.augment.hflip
+    (m,) = list(t.fit())
+    assert m["iterations"] == 2 and math.isfinite(m["train_loss"]) and "test_acc" in m
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def test_reference_style_model_matches_ours():
+    bench = _bench()
+    cfg = TrialConfig(**bench.edgepopup("conv6x0.25"))
+    torch.manual_seed(0)
+    ours = create_model("conv6x0.25", cfg)
+    torch.manual_seed(0)
+    ref = create_model("conv6x0.25", cfg, layers=bench.RefLayers.from_config(cfg))
+    assert isinstance(ref.features[0], bench.RefConv2d) and isinstance(ref.classifier[-1], bench.RefLinear)
+    x = torch.randn(8, 3, 32, 32)
+    torch.testing.assert_close(ref(x), ours(x))
+    ref(x).sum().backward()
+    ours(x).sum().backward()
+    torch.testing.assert_close(ref.features[0].scores.grad, ours.features[0].scores.grad)
+
+
+def _rows(start, epoch_seconds, pause=0.2, iters=10, batch=100):
+    """result.json rows of a trial starting at `start` (s) with the given epoch lengths."""
+    rows, t = [], start
+    for e, sec in enumerate(epoch_seconds, 1):
+        t += sec
+        rows.append(dict(timestamp=int(t), time_total_s=t - start, epoch_seconds=sec,
+                         iterations=e * iters, config={"trial": {"batch_size": batch}}))
+        t += pause
+    return rows
+
+
+def test_aggregate_counts_only_the_window_where_all_trials_run():
+    bench = _bench()
+    # One trial alone: images over the wall time of its epochs after the first, pauses included.
+    total, rates, overlapped = bench.aggregate_rate([_rows(100.3, [5, 2, 2, 2], pause=0.0)])
+    assert overlapped and total == pytest.approx(1000 / 2) and rates == [total]
+    # Two trials, the second starting 3 s late at the same speed: counted only while both run.
+    both = [_rows(100.0, [1.0] * 10, pause=0.0), _rows(103.0, [1.0] * 10, pause=0.0)]
+    total, rates, overlapped = bench.aggregate_rate(both)
+    assert overlapped and rates == pytest.approx([1000, 1000]) and total == pytest.approx(2000)
+    # No overlap at all: each trial's own rate, and said so.
+    apart = [_rows(100.0, [1.0, 1.0]), _rows(200.0, [1.0, 1.0])]
+    total, _, overlapped = bench.aggregate_rate(apart)
+    assert not overlapped and total == pytest.approx(2000)
+
+
+@pytest.mark.slow
+def test_benchmark_cpu_path_prints_positive_ratios():
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("RAY_ADDRESS", None)
+    # Without a GPU (CI) the script takes its CPU path by itself; --cpu keeps it there on a GPU box.
+    args = ["--cpu"] if torch.cuda.is_available() else []
+    proc = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr[-3000:]
+    assert "running the CPU path" in out
+    ratios = dict(re.findall(r"^ratio (.+): ([0-9.]+)$", out, flags=re.M))
+    assert set(ratios) == {"a) conv6x0.25 ours/reference images/s",
+                           "a) resnet18x0.25 ours/reference images/s",
+                           "b) conv6x0.25 aggregate k=2/k=1"}, out
+    assert all(float(v) > 0 for v in ratios.values())
+    rows_a = re.findall(r"^(conv6x0\.25|resnet18x0\.25)\s+(reference-style|ours) .*?\s([0-9]+)\s+([0-9.]+)\s+-$",
+                        out, flags=re.M)
+    assert len(rows_a) == 6 and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows_a), out
+    rows_b = re.findall(r"^conv6x0\.25\s+([12])\s+([0-9]+)\s+([0-9]+)\s+([0-9.]+)", out, flags=re.M)
+    assert [r[0] for r in rows_b] == ["1", "2"] and all(float(v) > 0 for r in rows_b for v in r), out
