@@ -7,8 +7,11 @@ Compute: about 46 GPU-hours (an estimate from forward FLOPs at 25 TFLOP/s sustai
 measurement; most of it is the x2.0 ResNets; small networks are overhead-bound and take longer
 than their FLOPs say). Four trials of the small networks share one GPU.
     python -m iterand_tune experiments/figure2.py
+Hyperparameter search (`--search`): one figure point per network, width and method, searching lr
+and weight decay (all methods), p (pruning methods) and K_per and r (IteRand).
 """
 from iterand_tune.experiments import Experiment
+from iterand_tune.search import LogUniform, QUniform, Uniform
 
 SEEDS = [1, 2, 3]
 WIDTHS = ["0.25", "0.5", "1.0", "2.0"]
@@ -43,6 +46,21 @@ NETWORKS = {
 }
 
 
+# --search spaces. A searched p moves a point along the figure's parameter axis; the results
+# record each trial's parameters after pruning, so the figure stays correct.
+SGD_SEARCH = dict(lr=LogUniform(1e-3, 0.3), weight_decay=LogUniform(1e-5, 1e-3))
+PRUNING_SEARCH = dict(lr=LogUniform(0.01, 1.0), weight_decay=LogUniform(1e-5, 1e-3),
+                      conv_sparsity=Uniform(0.3, 0.8))
+ITERAND_SEARCH = dict(**PRUNING_SEARCH, rerand_freq=QUniform(50, 1000, 50),  # K_per
+                      rerand_lambda=LogUniform(0.01, 1.0))                    # r
+
+
+def _search(method: str) -> dict:
+    if method.endswith("sgd"):
+        return SGD_SEARCH
+    return ITERAND_SEARCH if method.endswith("iterand") else PRUNING_SEARCH
+
+
 def _experiment(network: str, method: str) -> Experiment:
     n = NETWORKS[network]
     sgd = method.endswith("sgd")
@@ -52,6 +70,7 @@ def _experiment(network: str, method: str) -> Experiment:
                     lr=n["lr_sgd"] if sgd else n["lr_pruning"],
                     **({} if sgd else dict(conv_sparsity=n["p"]))),
         grid=dict(model=[f"{network}x{w}" for w in WIDTHS], seed=SEEDS),
+        search=_search(method),
     )
 
 

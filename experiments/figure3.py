@@ -6,8 +6,11 @@ Compute: about 330 GPU-hours (an estimate from forward FLOPs at 25 TFLOP/s susta
 measurement; ImageNet decoding on the CPUs usually makes it slower).
 Needs the ImageNet train/ and val/ folders under --data-dir (they cannot be downloaded).
     python -m iterand_tune experiments/figure3.py --data-dir /path/to/imagenet
+Hyperparameter search (`--search`): lr and weight decay for every trial, K_per and r for IteRand
+(p stays 0.7, as in the paper); one ImageNet trial costs tens of GPU-hours, so budget with care.
 """
 from iterand_tune.experiments import Experiment
+from iterand_tune.search import LogUniform, QUniform
 
 IMAGENET = dict(
     dataset="imagenet",
@@ -30,21 +33,29 @@ SC_PRUNING = dict(train_mode="score_only", bn_affine=False, init_mode="signed_co
                   conv_sparsity=0.7)
 ITERAND = dict(rerand_mode="bernoulli", rerand_freq=1000, rerand_lambda=0.1)
 
+# --search spaces around the paper's values (lr 0.1, weight decay 1e-4, K_per 1000, r 0.1).
+SEARCH = dict(lr=LogUniform(0.01, 1.0), weight_decay=LogUniform(1e-5, 1e-3))
+ITERAND_SEARCH = dict(**SEARCH, rerand_freq=QUniform(200, 3000, 100),
+                      rerand_lambda=LogUniform(0.01, 1.0))
+
 EXPERIMENTS = [
-    Experiment("figure3_resnet18_ku_sgd", dict(**IMAGENET, model="resnet18"), dict(seed=[1])),
-    Experiment("figure3_resnet34_ku_sgd", dict(**IMAGENET, model="resnet34"), dict(seed=[1])),
+    Experiment("figure3_resnet18_ku_sgd", dict(**IMAGENET, model="resnet18"), dict(seed=[1]),
+               search=SEARCH),
+    Experiment("figure3_resnet34_ku_sgd", dict(**IMAGENET, model="resnet34"), dict(seed=[1]),
+               search=SEARCH),
     Experiment("figure3_resnet34_sc_edgepopup", dict(**IMAGENET, **SC_PRUNING, model="resnet34"),
-               dict(seed=[1])),
+               dict(seed=[1]), search=SEARCH),
     Experiment("figure3_resnet50_sc_edgepopup", dict(**IMAGENET, **SC_PRUNING, model="resnet50"),
-               dict(seed=[1]), gpus_per_trial=2),
+               dict(seed=[1]), gpus_per_trial=2, search=SEARCH),
     Experiment("figure3_resnet101_sc_edgepopup", dict(**IMAGENET, **SC_PRUNING, model="resnet101"),
-               dict(seed=[1]), gpus_per_trial=2),
+               dict(seed=[1]), gpus_per_trial=2, search=SEARCH),
     Experiment("figure3_resnet34_sc_iterand",
-               dict(**IMAGENET, **SC_PRUNING, **ITERAND, model="resnet34"), dict(seed=[1])),
+               dict(**IMAGENET, **SC_PRUNING, **ITERAND, model="resnet34"), dict(seed=[1]),
+               search=ITERAND_SEARCH),
     Experiment("figure3_resnet50_sc_iterand",
                dict(**IMAGENET, **SC_PRUNING, **ITERAND, model="resnet50"), dict(seed=[1]),
-               gpus_per_trial=2),
+               gpus_per_trial=2, search=ITERAND_SEARCH),
     Experiment("figure3_resnet101_sc_iterand",
                dict(**IMAGENET, **SC_PRUNING, **ITERAND, model="resnet101"), dict(seed=[1]),
-               gpus_per_trial=2),
+               gpus_per_trial=2, search=ITERAND_SEARCH),
 ]

@@ -5,8 +5,11 @@ SGD (KU), edge-popup (KU) and IteRand (KU) on Conv6 at widths 0.25 and 0.5, seed
 Digits has 1,257 training images, 20 iterations an epoch at batch 64, so K_per is scaled from
 the paper's 300 (of 352 an epoch on CIFAR-10) to 10: IteRand re-randomises 12 times.
     python -m iterand_tune experiments/quickstart.py
+Hyperparameter search (`--search`): one figure point per method and width (6 points), searching
+lr and weight decay (all methods), p (pruning methods) and K_per and r (IteRand).
 """
 from iterand_tune.experiments import Experiment
+from iterand_tune.search import LogUniform, QUniform, Uniform
 
 SEEDS = [1, 2]
 MODELS = ["conv6x0.25", "conv6x0.5"]
@@ -22,14 +25,21 @@ DIGITS = dict(
     init_mode="kaiming_uniform",
 )
 
+# --search spaces around the values above.
+SGD_SEARCH = dict(lr=LogUniform(1e-3, 0.3), weight_decay=LogUniform(1e-5, 1e-3))
+PRUNING_SEARCH = dict(lr=LogUniform(0.03, 1.0), weight_decay=LogUniform(1e-5, 1e-3),
+                      conv_sparsity=Uniform(0.3, 0.7))
+ITERAND_SEARCH = dict(**PRUNING_SEARCH, rerand_freq=QUniform(5, 40, 5),  # K_per
+                      rerand_lambda=LogUniform(0.01, 1.0))               # r
+
 EXPERIMENTS = [
     Experiment("quickstart_ku_sgd", dict(**DIGITS, train_mode="normal", lr=0.01),
-               dict(model=MODELS, seed=SEEDS)),
+               dict(model=MODELS, seed=SEEDS), search=SGD_SEARCH),
     Experiment("quickstart_ku_edgepopup",
                dict(**DIGITS, train_mode="score_only", bn_affine=False, conv_sparsity=0.5, lr=0.3),
-               dict(model=MODELS, seed=SEEDS)),
+               dict(model=MODELS, seed=SEEDS), search=PRUNING_SEARCH),
     Experiment("quickstart_ku_iterand",
                dict(**DIGITS, train_mode="score_only", bn_affine=False, conv_sparsity=0.5, lr=0.3,
                     rerand_mode="bernoulli", rerand_freq=10, rerand_lambda=0.1),
-               dict(model=MODELS, seed=SEEDS)),
+               dict(model=MODELS, seed=SEEDS), search=ITERAND_SEARCH),
 ]

@@ -79,6 +79,23 @@ def _build_run_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run (--name, else the newest run of FILE)")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
                    help="Ray Tune progress output: 0 none, 1 status (default), 2 every result")
+    s = p.add_argument_group("hyperparameter search (README: Hyperparameter search)")
+    s.add_argument("--search", action="store_true",
+                   help="search each figure point's space (the experiments' `search`) with its own "
+                        "HyperOpt TPE and ASHA, on validation accuracy, one seed; writes "
+                        "best_configs.parquet/.json into the run's folder")
+    s.add_argument("--num-samples", type=int, metavar="N",
+                   help="with --search: trials per figure point (default 20)")
+    s.add_argument("--grace-period", type=int, metavar="E",
+                   help="with --search: ASHA's first rung in epochs (default: a tenth of the "
+                        "point's epochs, at least 1)")
+    s.add_argument("--reduction-factor", type=float, metavar="F",
+                   help="with --search: ASHA keeps the best 1/F at each rung (default 3)")
+    s.add_argument("--search-seed", type=int, metavar="S",
+                   help="with --search: base of every point's TPE seed (default 0)")
+    s.add_argument("--from-search", metavar="RESULTS",
+                   help="run each best configuration of a --search run (its folder or URI) with "
+                        "seeds 1, 2, 3 to the end, FIFO, with test accuracy")
     return p
 
 
@@ -126,11 +143,18 @@ def _train(args: argparse.Namespace) -> int:
 def load_experiments(args: argparse.Namespace) -> list[Experiment]:
     """The file's chosen experiments with --set, --data-dir, --download and --smoke-test applied,
     and data paths made absolute (trials run in their own folders, maybe on other nodes)."""
-    from .experiments import load, select, smoke_test
+    from .experiments import load, select
 
     experiments = load(args.file, args.keys)
     if args.only:
         experiments = select(experiments, args.only, args.file)
+    return adjust_experiments(experiments, args)
+
+
+def adjust_experiments(experiments: Sequence[Experiment], args: argparse.Namespace) -> list[Experiment]:
+    """--set, --data-dir, --download and --smoke-test applied; data paths made absolute."""
+    from .experiments import smoke_test
+
     values = overrides_to_dict(args.overrides)
     if args.data_dir:
         values["dataset_dir"] = args.data_dir
@@ -184,27 +208,34 @@ def _run_name(args: argparse.Namespace, storage: str) -> str:
     from .runner import RunError
 
     stem = os.path.splitext(os.path.basename(args.file))[0]
+    kind = "search-" if args.search else "reproduce-" if args.from_search else ""
     if args.name:
         if "/" in args.name or args.name in (".", ".."):
             raise UsageError(f"--name {args.name!r} must be a folder name, not a path")
         return args.name
     if not args.resume:
-        return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    runs = sorted(n for n in _list_dir(storage) if n.startswith(stem + "-"))
+        return f"{stem}-{kind}{time.strftime('%Y%m%d-%H%M%S')}"
+    prefix = f"{stem}-{kind}"  # FILE-[search-|reproduce-]YYYYmmdd-HHMMSS
+    runs = sorted(n for n in _list_dir(storage) if n.startswith(prefix) and n[len(prefix):][:1].isdigit())
     if not runs:
         raise RunError(f"--resume: no earlier run of {stem} under {storage}; pass --name NAME "
                        "of the run to resume")
     return runs[-1]  # names end in a sortable time stamp
 
 
-def _list_dir(storage: str) -> list[str]:
+def _list_dir(storage: str, files: bool = False) -> list[str]:
+    """Names of the folders (or, with `files`, the files) directly under `storage`."""
     if "://" not in storage:
-        return os.listdir(storage) if os.path.isdir(storage) else []
+        if not os.path.isdir(storage):
+            return []
+        return [n for n in os.listdir(storage)
+                if os.path.isfile(os.path.join(storage, n)) == files]
     import pyarrow.fs
 
     fs, path = pyarrow.fs.FileSystem.from_uri(storage)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-    return [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory]
+    kind = pyarrow.fs.FileType.File if files else pyarrow.fs.FileType.Directory
+    return [i.base_name for i in infos if i.type == kind]
 
 
 def _exists(path: str) -> bool:
@@ -233,7 +264,16 @@ def _run(args: argparse.Namespace) -> int:
         gpus = check_gpus(args.gpus_per_trial, "--gpus-per-trial")
     except ExperimentError as err:
         raise UsageError(str(err)) from None
-    experiments = load_experiments(args)
+    _check_search_flags(args)
+    search = None
+    if args.from_search:
+        experiments = _from_search(args)
+    else:
+        experiments = load_experiments(args)
+    if args.search:
+        search = _search_points(experiments, args)
+        if args.dry_run:
+            return _dry_run_search(search, args)
     if args.dry_run:
         return _dry_run(experiments, args.json)
 
@@ -245,7 +285,15 @@ def _run(args: argparse.Namespace) -> int:
     if not args.resume and _exists(opts.path):
         raise UsageError(f"{opts.path} already holds a run: add --resume to continue it, "
                          "or choose another --name")
+    if args.resume and _exists(opts.path):
+        searched = any(n.startswith("search_gen_state-") for n in _list_dir(opts.path, files=True))
+        if searched != bool(args.search):
+            how = ("a --search run: resume it with --search --resume" if searched
+                   else "not a search run: resume it without --search")
+            raise UsageError(f"{opts.path} is {how}")
     check_address(args.address)  # a dead cluster is one line, before anything else is said
+    if search is not None:
+        return _run_search(search, args, opts)
     n = sum(len(e) for e in experiments)
     print(f"{'resuming' if args.resume else 'starting'} {name}: {n} trials of "
           f"{len(experiments)} experiment(s); results in {opts.path}", flush=True)
@@ -253,6 +301,8 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(summary.table())
     print(f"\nresults: {summary.path}  ({summary.seconds:.0f} s)")
+    print(f"tables and figures: python -m analysis table {summary.path}; "
+          f"python -m analysis figure2 {summary.path} -o figure2.png")
     if not summary.ok:
         failed = len(summary.errored) + len(summary.unfinished)
         names = (summary.errored + summary.unfinished)[:3]
@@ -262,6 +312,101 @@ def _run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+# ------------------------------------------------------------------ hyperparameter search
+
+def _check_search_flags(args: argparse.Namespace) -> None:
+    if args.search and args.from_search:
+        raise UsageError("--search and --from-search are two steps: search first, then reproduce")
+    for flag, value, low in (("--num-samples", args.num_samples, 1),
+                             ("--grace-period", args.grace_period, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} {value} must be >= {low}")
+    if args.reduction_factor is not None and not args.reduction_factor > 1:
+        raise UsageError(f"--reduction-factor {args.reduction_factor:g} must be > 1")
+    if not args.search:
+        used = [f for f, v in (("--num-samples", args.num_samples), ("--grace-period", args.grace_period),
+                               ("--reduction-factor", args.reduction_factor),
+                               ("--search-seed", args.search_seed)) if v is not None]
+        if used:
+            raise UsageError(f"{', '.join(used)} go(es) with --search")
+
+
+def _search_points(experiments: Sequence[Experiment], args: argparse.Namespace) -> Any:
+    """The SearchRun of the experiments that have a search space (built lazily: no Ray yet)."""
+    from .search import DEFAULT_NUM_SAMPLES, points
+
+    pts = points(experiments)
+    if not pts:
+        raise UsageError(f"{args.file} defines no search space for "
+                         f"{'these experiments' if args.only or args.keys else 'its experiments'}: "
+                         "give an Experiment search={option: LogUniform(...), ...} to search")
+    skipped = [e.name for e in experiments if not e.search]
+    if skipped:
+        print(f"not searched (no search space): {', '.join(skipped)}", flush=True)
+    args._points = pts
+    args._num_samples = args.num_samples or DEFAULT_NUM_SAMPLES
+    return pts
+
+
+def _dry_run_search(pts: Sequence[Any], args: argparse.Namespace) -> int:
+    from .runner import format_table
+    from .search import default_grace_period
+
+    rows = []
+    for p in pts:
+        cfg = TrialConfig.from_dict(p.experiment.config)
+        grace = min(args.grace_period or default_grace_period(p.epochs), p.epochs)
+        rows.append((p.name, cfg.method, str(p.epochs), str(grace), str(cfg.seed),
+                     "; ".join(f"{k}: {d.describe()}" for k, d in p.space.items())))
+    print(format_table(("point", "method", "epochs", "grace", "seed", "search space"), rows))
+    print(f"{len(pts)} figure points x {args._num_samples} trials = {len(pts) * args._num_samples} "
+          "trials, each point with its own TPE and ASHA; nothing started (--dry-run)")
+    return 0
+
+
+def _run_search(pts: Sequence[Any], args: argparse.Namespace, opts: Any) -> int:
+    from .runner import run
+    from .search import DEFAULT_REDUCTION_FACTOR, SearchRun, write_best_configs
+
+    search = SearchRun(pts, args._num_samples, args.grace_period,
+                       args.reduction_factor or DEFAULT_REDUCTION_FACTOR, args.search_seed or 0,
+                       build=not args.resume)
+    print(f"{'resuming' if args.resume else 'starting'} {opts.name}: search of {len(pts)} figure "
+          f"point(s), {args._num_samples} trials each; results in {opts.path}", flush=True)
+    summary = run(search.experiments, opts, search=search)
+    print()
+    print(summary.table())
+    written = write_best_configs(summary.rows, summary.path) if summary.rows else []
+    print(f"\nresults: {summary.path}  ({summary.seconds:.0f} s)")
+    if written:
+        print(f"best configurations: {written[0]} (and .json); reproduce them with: "
+              f"python -m iterand_tune {args.file} --from-search {summary.path}")
+    if not summary.ok:
+        print(f"error: {len(summary.missing)} figure point(s) have no result "
+              f"({', '.join(summary.missing[:3])}); see error.txt under {summary.path}, then "
+              f"continue with: python -m iterand_tune {args.file} --search --resume --name {opts.name}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _from_search(args: argparse.Namespace) -> list[Experiment]:
+    """The best configurations of a search run, as experiments of seeds 1-3 (FIFO)."""
+    from .experiments import load
+    from .search import read_best_configs, reproduction
+
+    rows = read_best_configs(_storage_path(args.from_search))
+    names = {e.name for e in load(args.file, args.keys)}
+    if args.only:
+        names &= set(args.only)
+    picked = [r for r in rows if r["experiment"] in names]
+    if not picked:
+        raise UsageError(f"{args.from_search} has no best configuration of "
+                         f"{', '.join(sorted(names))}; it has: "
+                         f"{', '.join(sorted({r['experiment'] for r in rows}))}")
+    return adjust_experiments(reproduction(picked), args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -50,6 +50,9 @@ class Experiment:
     grid: Mapping[str, Sequence[Any]] = field(default_factory=dict)
     gpus_per_trial: Optional[float] = None   # None: chosen from the model's size (runner.gpu_share)
     cpus_per_trial: Optional[float] = None   # None: 1 (ImageNet: 1 + num_workers)
+    # --search: option -> iterand_tune.search domain (LogUniform, Uniform, QUniform, Choice);
+    # searched for every figure point (grid combination but the seed) with its own TPE + ASHA.
+    search: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or any(c.isspace() for c in self.name):
@@ -64,6 +67,12 @@ class Experiment:
                                       f"values, got {values!r}")
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "grid", grid)
+        search = dict(self.search or {})
+        if search:
+            from .search import check_space
+
+            check_space(self.name, config, grid, search)
+        object.__setattr__(self, "search", search)
         object.__setattr__(self, "gpus_per_trial",
                            check_gpus(self.gpus_per_trial, f"{self.name}: gpus_per_trial"))
         if self.cpus_per_trial is not None and not (
@@ -92,9 +101,11 @@ class Experiment:
         return dataclasses.replace(self, **changes)
 
     def with_values(self, values: Mapping[str, Any]) -> "Experiment":
-        """Fix `values` for every trial; an axis that is fixed this way is dropped from the grid."""
+        """Fix `values` for every trial; an axis (or searched option) that is fixed this way is
+        dropped from the grid (or the search space)."""
         return self.replace(config={**self.config, **values},
-                            grid={k: v for k, v in self.grid.items() if k not in values})
+                            grid={k: v for k, v in self.grid.items() if k not in values},
+                            search={k: v for k, v in self.search.items() if k not in values})
 
 
 def _require_field(key: str, where: str) -> None:

@@ -191,7 +191,8 @@ def _progress_callback() -> type:
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
             r, t = trial.last_result or {}, trial.config[TRIAL_KEY]
-            test = f"test {r['test_acc']:.2f}%" if "test_acc" in r else "no test accuracy"
+            test = (f"test {r['test_acc']:.2f}%" if "test_acc" in r else  # search: val only
+                    f"val {r['val_acc']:.2f}%" if "val_acc" in r else "no test accuracy")
             self.echo(f"[{self.done}/{len(trials)}] {t['experiment']} {t['model']} seed {t['seed']}: "
                       f"{test} after {r.get('epoch', 0)} epochs, "
                       f"{r.get('time_total_s', 0):.0f} s")
@@ -343,12 +344,16 @@ def say(line: str) -> None:
 
 
 def run(experiments: Sequence[Experiment], opts: RunOptions,
-        echo: Callable[[str], None] = say) -> "RunSummary":
-    """Run (or resume) every trial of `experiments` as one Ray Tune run; return its summary."""
+        echo: Callable[[str], None] = say, search: Any = None) -> Any:
+    """Run (or resume) every trial of `experiments` as one Ray Tune run; return its summary.
+    With `search` (an iterand_tune.search.SearchRun) its searcher proposes the trials of its
+    points and its scheduler stops weak ones, and the summary is the search's."""
     from ray import tune
 
     # A snapshot per second checkpoint is what keeps resume exact; do not warn about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if opts.verbose < 2:  # our own progress lines; the new output engine prints its box anyway
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if opts.address is None and not os.environ.get("RAY_ADDRESS"):
         # Every trial will run on this machine: fetch or check each dataset once, here,
         # before Ray starts, so missing data is one line rather than every trial failing.
@@ -376,7 +381,7 @@ def run(experiments: Sequence[Experiment], opts: RunOptions,
             return tune.PlacementGroupFactory([{"CPU": cpus, **({"GPU": gpus} if gpus else {})}])
 
         trainable = tune.with_resources(train_trial, resources)
-        space = param_space(experiments)
+        space = param_space(experiments) if search is None else None
         if opts.resume:
             if not tune.Tuner.can_restore(opts.path):
                 raise RunError(f"--resume: there is no run to resume at {opts.path}")
@@ -384,13 +389,21 @@ def run(experiments: Sequence[Experiment], opts: RunOptions,
             tuner = tune.Tuner.restore(opts.path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True, param_space=space)
         else:
+            # FIFO: every grid point is a point of the figure; run it all. A search instead
+            # routes each trial to its figure point's own TPE (searcher) and ASHA (scheduler).
+            tuning = dict(num_samples=1) if search is None else dict(
+                num_samples=search.num_samples, search_alg=search.searcher,
+                scheduler=search.scheduler)
             tuner = tune.Tuner(
                 trainable,
                 param_space=space,
                 tune_config=tune.TuneConfig(
-                    num_samples=1,  # FIFO: every grid point is a point of the figure; run it all
+                    **tuning,
                     max_concurrent_trials=opts.max_concurrent,
-                    reuse_actors=True,  # saves a process start and a torch import per trial
+                    # Reusing actors saves a process start and a torch import per trial; with
+                    # ASHA stopping trials early Ray Tune 2.60 cancels reused actors before they
+                    # run ("The actor never ran"), so a search starts a process per trial.
+                    reuse_actors=search is None,
                     trial_name_creator=trial_name,
                     trial_dirname_creator=trial_name,
                 ),
@@ -407,6 +420,8 @@ def run(experiments: Sequence[Experiment], opts: RunOptions,
             )
         start = time.time()
         grid = tuner.fit()
+        if search is not None:
+            return search.summarize(grid, opts.path, time.time() - start)
         return RunSummary.from_results(grid, opts.path, time.time() - start)
     finally:
         if started:
