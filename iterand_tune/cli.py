@@ -75,6 +75,9 @@ def _build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, metavar="N", help="at most N trials at once")
     p.add_argument("--max-failures", type=int, default=3, metavar="N",
                    help="retry a failed trial N times from its last checkpoint (default 3)")
+    p.add_argument("--no-reuse-actors", dest="reuse_actors", action="store_false",
+                   help="start a new process for every trial (slower: a process start and a torch "
+                        "import each); Ray Tune's actor reuse has misbehaved under heavy load")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (--name, else the newest run of FILE)")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
@@ -281,7 +284,8 @@ def _run(args: argparse.Namespace) -> int:
     name = _run_name(args, storage)
     opts = RunOptions(storage_path=storage, name=name, address=args.address, gpus_per_trial=gpus,
                       cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent,
-                      max_failures=args.max_failures, resume=args.resume, verbose=args.verbose)
+                      max_failures=args.max_failures, resume=args.resume, verbose=args.verbose,
+                      reuse_actors=args.reuse_actors)
     if not args.resume and _exists(opts.path):
         raise UsageError(f"{opts.path} already holds a run: add --resume to continue it, "
                          "or choose another --name")

@@ -34,6 +34,7 @@ class RunOptions:
     cpus_per_trial: Optional[float] = None
     max_concurrent: Optional[int] = None
     max_failures: int = 3                # retries of a failed trial, from its last checkpoint
+    reuse_actors: bool = True            # run trials one after another in the same processes
     resume: bool = False
     verbose: int = 1                     # 0 silent, 1 a line per finished trial, 2 Ray Tune's tables
 
@@ -403,7 +404,7 @@ def run(experiments: Sequence[Experiment], opts: RunOptions,
                     # Reusing actors saves a process start and a torch import per trial; with
                     # ASHA stopping trials early Ray Tune 2.60 cancels reused actors before they
                     # run ("The actor never ran"), so a search starts a process per trial.
-                    reuse_actors=search is None,
+                    reuse_actors=opts.reuse_actors and search is None,
                     trial_name_creator=trial_name,
                     trial_dirname_creator=trial_name,
                 ),

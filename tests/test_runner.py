@@ -226,3 +226,28 @@ def test_missing_data_is_one_line_before_ray_starts(tmp_path, monkeypatch, capsy
     assert err[0].startswith(f"error: CIFAR-10 not found in {tmp_path / 'empty'}")
     assert "--download" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flag, reuse", [([], True), (["--no-reuse-actors"], False)])
+def test_actor_reuse_flag_reaches_the_tuner(tmp_path, monkeypatch, capsys, flag, reuse):
+    import ray.tune as tune
+
+    import iterand_tune.runner as runner
+
+    seen = []
+
+    class StopHere(Exception):
+        pass
+
+    def fake_tuner(trainable, param_space, tune_config, run_config):
+        seen.append((tune_config.reuse_actors, run_config.failure_config.max_failures))
+        raise StopHere
+
+    monkeypatch.setattr(tune, "Tuner", fake_tuner)
+    monkeypatch.setattr(runner, "connect", lambda address: False)
+    monkeypatch.setattr(runner, "live_nodes", lambda: [{"CPU": 2.0}])
+    monkeypatch.setattr(runner, "live_node_ids", lambda: ["n1"])
+    exp = write_experiments(tmp_path)
+    with pytest.raises(StopHere):
+        main([str(exp), "--storage-path", str(tmp_path / "r"), "--max-failures", "5", *flag])
+    assert seen == [(reuse, 5)]
