@@ -16,26 +16,21 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
+from iterand_tune.cli import OneLineParser, UsageError
+
 from .results import ResultsError
 
 TABLE_FORMATS = (".csv", ".parquet")
 FIGURE_FORMATS = (".png", ".pdf", ".svg")
 
 
-class UsageError(Exception):
-    """A wrong command line; one line, exit 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m analysis",
+    p = OneLineParser(prog="python -m analysis",
                 description="Tables and the paper's figures from a stored iterand_tune run.")
     sub = p.add_subparsers(dest="command", metavar="{table,figure1,figure2,figure3}",
-                           parser_class=_Parser)
+                           parser_class=OneLineParser)
     results_help = ("the run's folder (STORAGE/NAME) or URI (s3://...), or a Parquet table "
                     "written by `table --rows trials`")
     t = sub.add_parser("table", help="print the figure points (or trials, or epochs); -o writes "

@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from iterand_tune.config import FIELD_NAMES, TrialConfig, field_type
+from iterand_tune.runner import join_path, open_storage
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -135,16 +136,10 @@ class _Trial:
 def open_path(path: PathLike) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path on it) for a folder or a URI such as s3://bucket/run."""
     text = os.fspath(path)
-    if "://" in text:
-        try:
-            return pafs.FileSystem.from_uri(text)
-        except (pa.ArrowException, ValueError, OSError) as err:
-            raise ResultsError(f"cannot open {text}: {_first_line(err)}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
-
-
-def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
+    try:
+        return open_storage(text)
+    except (pa.ArrowException, ValueError, OSError) as err:
+        raise ResultsError(f"cannot open {text}: {_first_line(err)}") from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -194,7 +189,7 @@ def _experiment_state(fs: pafs.FileSystem, names: Sequence[str], root: str) -> d
     """trial_id -> {status, config, relative_logdir} from the newest readable experiment state."""
     for name in sorted((n for n in names if re.fullmatch(r"experiment_state-.*\.json", n)),
                        reverse=True):  # the names end in a sortable time stamp
-        state = _read_json(fs, _join(root, name))
+        state = _read_json(fs, join_path(root, name))
         if not isinstance(state, dict) or not isinstance(state.get("trial_data"), list):
             continue
         out = {}
@@ -244,10 +239,10 @@ def _read_run(path: PathLike) -> list[_Trial]:
     by_logdir = {s["logdir"]: tid for tid, s in state.items() if s["logdir"]}
 
     def read(folder: str) -> Optional[_Trial]:
-        base = _join(root, folder)
-        params = _read_json(fs, _join(base, "params.json"))
-        text = _read_text(fs, _join(base, "result.json"))
-        error = _read_text(fs, _join(base, "error.txt"))
+        base = join_path(root, folder)
+        params = _read_json(fs, join_path(base, "params.json"))
+        text = _read_text(fs, join_path(base, "result.json"))
+        error = _read_text(fs, join_path(base, "error.txt"))
         if params is None and text is None and error is None and folder not in by_logdir:
             return None  # not a trial's folder (e.g. Ray's driver artifacts)
         rows = _read_result_rows(text)
@@ -274,7 +269,7 @@ def _read_run(path: PathLike) -> list[_Trial]:
         if tid not in known:
             trials.append(_Trial(tid, None, None, dict(s["config"]), ray_status=s["status"]))
     if not trials:
-        runs = [n for n in folders if _looks_like_run(fs, _join(root, n))]
+        runs = [n for n in folders if _looks_like_run(fs, join_path(root, n))]
         hint = (f"; it holds runs: {', '.join(sorted(runs)[:5])}{', ...' if len(runs) > 5 else ''}"
                 " - pass one of them" if runs else "")
         raise ResultsError(f"no Ray Tune results at {shown} (no experiment_state-*.json, no trial "

@@ -23,13 +23,13 @@ class UsageError(Exception):
     """A user error that argparse did not catch; printed as one line, exit 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
         raise UsageError(message)
 
 
 def _build_train_parser() -> argparse.ArgumentParser:
-    train = _Parser(prog="python -m iterand_tune train",
+    train = OneLineParser(prog="python -m iterand_tune train",
                     description="train one trial here, without Ray")
     train.add_argument("--method", choices=sorted(METHODS),
                        help="start from the paper's option set for this method (SPEC 7)")
@@ -44,7 +44,7 @@ def _build_train_parser() -> argparse.ArgumentParser:
 
 
 def _build_run_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m iterand_tune",
+    p = OneLineParser(prog="python -m iterand_tune",
                 description="Run an experiment file's trials as one Ray Tune run "
                             "(`python -m iterand_tune train --help`: one trial, no Ray).")
     p.add_argument("file", metavar="FILE",
@@ -228,25 +228,22 @@ def _run_name(args: argparse.Namespace, storage: str) -> str:
 
 def _list_dir(storage: str, files: bool = False) -> list[str]:
     """Names of the folders (or, with `files`, the files) directly under `storage`."""
-    if "://" not in storage:
-        if not os.path.isdir(storage):
-            return []
-        return [n for n in os.listdir(storage)
-                if os.path.isfile(os.path.join(storage, n)) == files]
     import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(storage)
+    from .runner import open_storage
+
+    fs, path = open_storage(storage)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
     kind = pyarrow.fs.FileType.File if files else pyarrow.fs.FileType.Directory
     return [i.base_name for i in infos if i.type == kind]
 
 
 def _exists(path: str) -> bool:
-    if "://" not in path:
-        return os.path.exists(path)
     import pyarrow.fs
 
-    fs, p = pyarrow.fs.FileSystem.from_uri(path)
+    from .runner import open_storage
+
+    fs, p = open_storage(path)
     return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
 
 

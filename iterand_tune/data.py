@@ -670,15 +670,25 @@ class Loaders:
 IMAGENET_VAL_FRACTION = 0.01
 
 
+IMAGENET_LAYOUT = "train/<class>/*.JPEG and val/<class>/*.JPEG"
+
+
+def _require_imagenet_folders(root: str) -> None:
+    for part in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, part)):
+            raise DataError(
+                f"ImageNet not found in {root} (expected {IMAGENET_LAYOUT}); it cannot be downloaded "
+                "automatically: get it from image-net.org, sort val into class folders, and point "
+                "--data-dir at it"
+            )
+
+
 def prepare_dataset(name: str, root: str | os.PathLike, *, download: bool) -> None:
     """Make sure `name` is readable under `root`, downloading it (once, under the lock) if allowed;
     a DataError otherwise. The runner calls this before a local run, so that missing data is one
     line before any trial starts instead of every trial failing the same way."""
     if name == "imagenet":
-        for part in ("train", "val"):
-            if not os.path.isdir(os.path.join(_root(root), part)):
-                raise DataError(f"ImageNet not found in {_root(root)} (expected train/ and val/ class "
-                                "folders); it cannot be downloaded automatically: point --data-dir at it")
+        _require_imagenet_folders(_root(root))
         return
     if name not in ("digits", "synthetic_cifar10"):  # nothing to fetch: made in memory
         load_splits(name, root, download=download)
@@ -705,13 +715,7 @@ def imagenet_loaders(
 
     root = _root(root)
     info = DATASETS["imagenet"]
-    layout = "train/<class>/*.JPEG and val/<class>/*.JPEG"
-    for part in ("train", "val"):
-        if not os.path.isdir(os.path.join(root, part)):
-            raise DataError(
-                f"ImageNet not found in {root} (expected {layout}); it cannot be downloaded automatically: "
-                f"get it from image-net.org, sort val into class folders, and point --data-dir at it"
-            )
+    _require_imagenet_folders(root)
     norm = T.Normalize(info.mean, info.std)
     train_tf = T.Compose([T.RandomResizedCrop(info.image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     eval_tf = T.Compose([T.Resize(256), T.CenterCrop(info.image_size), T.ToTensor(), norm])
@@ -720,7 +724,7 @@ def imagenet_loaders(
         train_eval = ImageFolder(os.path.join(root, "train"), transform=eval_tf)
         test = ImageFolder(os.path.join(root, "val"), transform=eval_tf)
     except (FileNotFoundError, OSError) as err:
-        raise DataError(f"cannot read ImageNet in {root} ({err}): expected {layout}") from None
+        raise DataError(f"cannot read ImageNet in {root} ({err}): expected {IMAGENET_LAYOUT}") from None
     if test.classes != train_aug.classes:
         raise DataError(
             f"{root}/val has classes that differ from {root}/train ({len(test.classes)} vs "

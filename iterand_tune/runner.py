@@ -47,6 +47,15 @@ def join_path(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name if "://" in base else os.path.join(base, name)
 
 
+def open_storage(path: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path on it) for a local folder or a URI such as s3://bucket/run."""
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
 # ------------------------------------------------------------------ resources
 
 # Forward GMACs per image -> GPU share. Conv6 up to x1.0 and ResNet18 up to x0.5 (<= 0.2 GMAC)
@@ -497,18 +506,22 @@ class RunSummary:
 
 def summarize(rows: Sequence[tuple[dict[str, Any], dict[str, Any], bool]]) -> list[PointSummary]:
     """Group trials into figure points: everything but the seed is the same."""
-    varying = {k for k in rows[0][0] if len({repr(r[0][k]) for r in rows}) > 1} if rows else set()
-    label_keys = sorted(varying - {"experiment", "model", "seed", "dataset_dir"})
+    by_experiment: dict[str, list[dict[str, Any]]] = {}
+    for trial, _, _ in rows:
+        by_experiment.setdefault(trial["experiment"], []).append(trial)
+    # The experiment already names method and init; label a point by what varies inside it.
+    label_keys = {name: sorted(k for k in trials[0] if k not in ("experiment", "model", "seed",
+                                                                 "dataset_dir")
+                               and len({repr(t[k]) for t in trials}) > 1)
+                  for name, trials in by_experiment.items()}
     points: dict[tuple, PointSummary] = {}
     for trial, metrics, finished in rows:
-        cfg = TrialConfig.from_dict({k: v for k, v in trial.items() if k != "experiment"})
-        # The experiment already names method and init; keep only what varies inside it.
-        label = ", ".join(f"{k}={trial[k]}" for k in label_keys if not _fixed_in_experiment(
-            rows, trial["experiment"], k))
+        label = ", ".join(f"{k}={trial[k]}" for k in label_keys[trial["experiment"]])
         key = (trial["experiment"], trial["model"], label)
         p = points.get(key)
         if p is None:
-            p = points[key] = PointSummary(trial["experiment"], trial["model"], cfg.method, label,
+            method = TrialConfig.from_dict({k: v for k, v in trial.items() if k != "experiment"}).method
+            p = points[key] = PointSummary(trial["experiment"], trial["model"], method, label,
                                            0, 0, [], None)
         p.trials += 1
         if finished:
@@ -517,10 +530,6 @@ def summarize(rows: Sequence[tuple[dict[str, Any], dict[str, Any], bool]]) -> li
         if metrics.get("params_after_pruning") is not None:
             p.params_after_pruning = int(metrics["params_after_pruning"])
     return list(points.values())
-
-
-def _fixed_in_experiment(rows: Sequence[tuple], experiment: str, key: str) -> bool:
-    return len({repr(r[0][key]) for r in rows if r[0]["experiment"] == experiment}) == 1
 
 
 def format_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .config import FIELD_NAMES, ConfigError, TrialConfig, field_type
 from .experiments import Experiment, ExperimentError
+from .runner import join_path, open_storage
 
 METRIC, MODE, TIME_ATTR = "val_acc", "max", "epoch"  # what TPE and ASHA optimise, and ASHA's clock
 POINT_KEY = "point"                 # top-level key of a search trial's config: its figure point
@@ -50,10 +51,21 @@ def _number(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class LogUniform(Domain):
-    """A float drawn log-uniformly from [low, high] (learning rates, weight decay)."""
+class _Range(Domain):
+    """A float in [low, high]; subclasses say how it is drawn."""
     low: float
     high: float
+
+    def examples(self) -> list:
+        return [self.low, self.high]
+
+    def clip(self, value: Any) -> Any:
+        return min(max(value, self.low), self.high)
+
+
+@dataclass(frozen=True)
+class LogUniform(_Range):
+    """A float drawn log-uniformly from [low, high] (learning rates, weight decay)."""
 
     def __post_init__(self) -> None:
         if not (_number(self.low) and _number(self.high) and 0 < self.low < self.high):
@@ -63,21 +75,13 @@ class LogUniform(Domain):
         from ray import tune
         return tune.loguniform(self.low, self.high)
 
-    def examples(self) -> list:
-        return [self.low, self.high]
-
     def describe(self) -> str:
         return f"log-uniform({self.low:g}, {self.high:g})"
 
-    def clip(self, value: Any) -> Any:
-        return min(max(value, self.low), self.high)
-
 
 @dataclass(frozen=True)
-class Uniform(Domain):
+class Uniform(_Range):
     """A float drawn uniformly from [low, high] (sparsity, re-randomisation rate)."""
-    low: float
-    high: float
 
     def __post_init__(self) -> None:
         if not (_number(self.low) and _number(self.high) and self.low < self.high):
@@ -87,14 +91,8 @@ class Uniform(Domain):
         from ray import tune
         return tune.uniform(self.low, self.high)
 
-    def examples(self) -> list:
-        return [self.low, self.high]
-
     def describe(self) -> str:
         return f"uniform({self.low:g}, {self.high:g})"
-
-    def clip(self, value: Any) -> Any:
-        return min(max(value, self.low), self.high)
 
 
 @dataclass(frozen=True)
@@ -563,19 +561,6 @@ def _fmt(value: Any) -> str:
 
 # ------------------------------------------------------------------ the table on storage
 
-def _open(path: str) -> tuple[Any, str]:
-    import os
-
-    import pyarrow.fs as pafs
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
-
-
 def write_best_configs(rows: Sequence[Mapping[str, Any]], run_path: str) -> list[str]:
     """best_configs.json (a list of rows, `config` a mapping) and best_configs.parquet (one
     column per searched option, `searched` and `config` as JSON text) in the run's folder."""
@@ -583,9 +568,9 @@ def write_best_configs(rows: Sequence[Mapping[str, Any]], run_path: str) -> list
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs, folder = _open(run_path)
+    fs, folder = open_storage(run_path)
     fs.create_dir(folder, recursive=True)
-    json_path, parquet_path = _join(folder, BEST_CONFIGS + ".json"), _join(folder, BEST_CONFIGS + ".parquet")
+    json_path, parquet_path = join_path(folder, BEST_CONFIGS + ".json"), join_path(folder, BEST_CONFIGS + ".parquet")
     with fs.open_output_stream(json_path) as f:
         f.write(json.dumps(list(rows), indent=1).encode())
     keys = list(dict.fromkeys(k for r in rows for k in r["searched"]))
@@ -597,16 +582,16 @@ def write_best_configs(rows: Sequence[Mapping[str, Any]], run_path: str) -> list
         records.append(rec)
     pq.write_table(pa.Table.from_pandas(pd.DataFrame.from_records(records), preserve_index=False),
                    parquet_path, filesystem=fs)
-    return [_join(run_path, BEST_CONFIGS + ".parquet"), _join(run_path, BEST_CONFIGS + ".json")]
+    return [join_path(run_path, BEST_CONFIGS + ".parquet"), join_path(run_path, BEST_CONFIGS + ".json")]
 
 
 def read_best_configs(run_path: str) -> list[dict[str, Any]]:
     """The rows written by `write_best_configs`; ExperimentError when there are none."""
     import pyarrow as pa
 
-    where = _join(run_path, BEST_CONFIGS + ".json")
+    where = join_path(run_path, BEST_CONFIGS + ".json")
     try:
-        fs, path = _open(where)
+        fs, path = open_storage(where)
         with fs.open_input_stream(path) as f:
             rows = json.loads(f.read().decode())
     except (FileNotFoundError, OSError, pa.ArrowException, ValueError):

@@ -7,6 +7,7 @@ tensor back to the host: loss and accuracy are summed on the device and read onc
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import random
 import time
@@ -123,7 +124,7 @@ class Trainer:
         n = len(self.loaders.train)
         return min(n, self.config.debug_max_iters) if self.config.debug_max_iters else n
 
-    @property
+    @functools.cached_property  # fixed for the trial; read at every step
     def rerand_interval(self) -> Optional[int]:
         """Iterations between re-randomisations, or None when IteRand is off."""
         cfg = self.config

@@ -22,6 +22,8 @@ from iterand_tune.models import create_model
 from iterand_tune.supermask import rerandomize_
 from iterand_tune.training import Trainer, cudnn_flags
 
+from helpers import SYNCING, count_host_reads, use_topk_threshold
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_throughput.py")
 
@@ -241,40 +243,15 @@ def test_cpu_trainer_leaves_cudnn_alone():
 
 # ----------------------------------------------------------------------------- host syncs
 
-SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
-
-
-def _host_reads(monkeypatch, iters, **options):
-    monkeypatch.setattr(supermask, "_threshold",
-                        lambda s, k, scratch=None: supermask._kth_smallest_topk(s.detach().reshape(-1), k))
-    trainer = Trainer(digits("iterand", epochs=2, debug_max_iters=iters, rerand_freq=2,
-                             train_augmentation=True, batch_size=32, **options))
-    counts = dict.fromkeys(SYNCING, 0)
-    originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
-
-    def counting(name):
-        def wrapper(self, *a, **kw):
-            counts[name] += 1
-            return originals[name](self, *a, **kw)
-        return wrapper
-
-    with monkeypatch.context() as m:
-        for name in SYNCING:
-            m.setattr(torch.Tensor, name, counting(name))
-        trainer.train_epoch()
-    return counts
-
-
 def test_no_host_sync_per_step_with_channels_last_and_bf16(monkeypatch):
     opts = dict(channels_last=True, autocast="bf16")
-    few, many = _host_reads(monkeypatch, 2, **opts), _host_reads(monkeypatch, 8, **opts)
+    few, many = count_host_reads(monkeypatch, 2, **opts), count_host_reads(monkeypatch, 8, **opts)
     assert few == many and few["item"] > 0
 
 
 def test_train_step_reads_nothing_back(monkeypatch):
     t = Trainer(digits("iterand", rerand_freq=1, epochs=1))
-    monkeypatch.setattr(supermask, "_threshold",
-                        lambda s, k, scratch=None: supermask._kth_smallest_topk(s.detach().reshape(-1), k))
+    use_topk_threshold(monkeypatch)
     x, y = next(iter(t.loaders.train))
     with monkeypatch.context() as m:
         for name in SYNCING:

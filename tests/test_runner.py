@@ -17,6 +17,8 @@ import torch
 
 from iterand_tune.cli import main
 
+from helpers import trial_states
+
 pytestmark = pytest.mark.slow
 
 
@@ -87,23 +89,6 @@ def test_four_quarter_gpu_trials_run_at_once(ray_cluster, tmp_path, monkeypatch,
     assert f"results: {run_dir}" in out
 
 
-def _trial_states(run_dir):
-    files = sorted(glob.glob(os.path.join(run_dir, "experiment_state-*.json")))
-    if not files:
-        return {}
-    try:
-        with open(files[-1]) as f:
-            state = json.load(f)
-    except (OSError, json.JSONDecodeError):  # caught mid-write
-        return {}
-    out = {}
-    for trial_json, meta in state["trial_data"]:
-        t = json.loads(trial_json)
-        last = (meta if isinstance(meta, dict) else json.loads(meta)).get("last_result") or {}
-        out[t["trial_id"]] = (t["status"], last.get("epoch", 0))
-    return out
-
-
 def test_resume_after_driver_is_killed(ray_cluster, tmp_path):
     exp = write_experiments(tmp_path, epochs=4, seeds=(1, 2), debug_max_iters=8)
     storage = tmp_path / "results"
@@ -116,7 +101,7 @@ def test_resume_after_driver_is_killed(ray_cluster, tmp_path):
     states = {}
     try:
         while time.time() < deadline:  # wait for one finished trial and one half-way through
-            states = _trial_states(run_dir)
+            states = trial_states(run_dir)
             statuses = [s for s, _ in states.values()]
             if "TERMINATED" in statuses and any(s != "TERMINATED" and 1 <= e < 4
                                                 for s, e in states.values()):

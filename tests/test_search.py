@@ -22,6 +22,8 @@ from iterand_tune.search import (POINT_KEY, Choice, LogUniform, QUniform, Unifor
                                  make_searcher, point_seed, points, read_best_configs,
                                  reproduction, write_best_configs)
 
+from helpers import trial_states
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 BASE = dict(dataset="digits", model="conv6x0.25", epochs=3, batch_size=64, train_augmentation=False,
             train_mode="score_only", bn_affine=False, conv_sparsity=0.5, lr=0.3)
@@ -304,23 +306,6 @@ def test_search_of_two_points_keeps_them_apart(ray_cluster, tmp_path, capsys):
         assert all(t["evaluate_test"] for t in mine)
 
 
-def _experiment_state(run_dir):
-    files = sorted(glob.glob(os.path.join(run_dir, "experiment_state-*.json")))
-    if not files:
-        return {}
-    try:
-        with open(files[-1]) as f:
-            state = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return {}
-    out = {}
-    for trial_json, meta in state["trial_data"]:
-        t = json.loads(trial_json)
-        last = (meta if isinstance(meta, dict) else json.loads(meta)).get("last_result") or {}
-        out[t["trial_id"]] = (t["status"], last.get("epoch", 0))
-    return out
-
-
 @pytest.mark.slow
 def test_search_killed_and_resumed_completes(ray_cluster, tmp_path):
     exp = write_search_file(tmp_path, epochs=4)
@@ -333,7 +318,7 @@ def test_search_killed_and_resumed_completes(ray_cluster, tmp_path):
     deadline, states = time.time() + 300, {}
     try:
         while time.time() < deadline:  # one trial done, another part-way: kill the driver
-            states = _experiment_state(run_dir)
+            states = trial_states(run_dir)
             if any(s == "TERMINATED" for s, _ in states.values()) and any(
                     s != "TERMINATED" and e >= 1 for s, e in states.values()):
                 break

@@ -8,6 +8,8 @@ import iterand_tune.training as training
 from iterand_tune.config import METHODS, TrialConfig
 from iterand_tune.training import Trainer, lr_at, resolve_device
 
+from helpers import count_host_reads
+
 DESIGN_METRICS = {"epoch", "train_acc", "train_loss", "val_acc", "best_val_acc", "best_epoch", "lr",
                   "iterations", "epoch_seconds", "params_before_pruning", "params_after_pruning"}
 
@@ -194,37 +196,9 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- host syncs
 
-SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
-
-
-def _count_host_reads(monkeypatch, epochs_iters):
-    """Host reads of tensors during one epoch of `epochs_iters` training iterations."""
-    import iterand_tune.supermask as supermask
-
-    # The CPU threshold uses numpy (free on CPU); count the device-agnostic path instead.
-    monkeypatch.setattr(supermask, "_threshold",
-                        lambda s, k, scratch=None: supermask._kth_smallest_topk(s.detach().reshape(-1), k))
-    trainer = Trainer(digits("iterand", epochs=2, debug_max_iters=epochs_iters, rerand_freq=2,
-                             train_augmentation=True, batch_size=32))
-    counts = dict.fromkeys(SYNCING, 0)
-    originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
-
-    def counting(name):
-        def wrapper(self, *a, **kw):
-            counts[name] += 1
-            return originals[name](self, *a, **kw)
-        return wrapper
-
-    with monkeypatch.context() as m:
-        for name in SYNCING:
-            m.setattr(torch.Tensor, name, counting(name))
-        trainer.train_epoch()
-    return counts
-
-
 def test_no_host_sync_per_training_step(monkeypatch):
     # Reads happen once per epoch (metrics, evaluation), never per step: the counts do not
     # grow with the number of steps (forward, mask, backward, re-draws, batching, augmentation).
-    few, many = _count_host_reads(monkeypatch, 2), _count_host_reads(monkeypatch, 8)
+    few, many = count_host_reads(monkeypatch, 2), count_host_reads(monkeypatch, 8)
     assert few == many
     assert few["item"] > 0  # the counter works: epoch metrics are read once
