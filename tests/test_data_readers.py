@@ -1,0 +1,357 @@
+"""Tests for iterand_tune.data's readers: tiny files in the real on-disk formats read through
+torchvision's dataset classes, one-line DataErrors for every failure, the download lock and timeout,
+and the fixed seed-777 splits (with the original code's numbers)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets.cifar as tv_cifar
+import torchvision.datasets.mnist as tv_mnist
+from torchvision.datasets import CIFAR10, MNIST
+
+from iterand_tune import data
+from iterand_tune.data import (
+    DataError,
+    dataset_info,
+    imagenet_val_size,
+    load_cifar10,
+    load_cifar100,
+    load_digits,
+    load_mnist,
+    load_splits,
+    split_indices,
+    split_train_val,
+)
+
+# ---------------------------------------------------------------- writers of the real formats
+
+
+def write_pickle(path, obj: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def write_cifar_batch(path, images: np.ndarray, labels: list[int], label_key: str = "labels") -> None:
+    """A CIFAR python batch: a pickled dict, data uint8 [N, 3072] channel-major. (The official files
+    are Python-2 pickles whose keys load as str with torchvision's encoding="latin1".)"""
+    write_pickle(path, {"batch_label": "test", label_key: labels, "data": images.reshape(len(labels), -1),
+                        "filenames": []})
+
+
+def make_cifar10(root, per_batch: int = 4, n_test: int = 3) -> tuple[np.ndarray, list[int]]:
+    rng = np.random.default_rng(0)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    all_x, all_y = [], []
+    for k in range(1, 6):
+        x = rng.integers(0, 256, size=(per_batch, 3, 32, 32), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, 10, size=per_batch)]
+        write_cifar_batch(os.path.join(folder, f"data_batch_{k}"), x, y)
+        all_x.append(x)
+        all_y += y
+    xt = rng.integers(0, 256, size=(n_test, 3, 32, 32), dtype=np.uint8)
+    write_cifar_batch(os.path.join(folder, "test_batch"), xt, [9] * n_test)
+    write_pickle(os.path.join(folder, "batches.meta"), {"label_names": [f"c{k}" for k in range(10)]})
+    return np.concatenate(all_x), all_y
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    magic = {1: 0x801, 3: 0x803}[array.ndim]
+    raw = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(raw)
+
+
+def make_mnist(root) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    raw = os.path.join(root, "MNIST", "raw")
+    arrays = {
+        # The training files packed, as a folder filled by hand with the downloads.
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte.gz": np.array([0, 3, 9, 1, 2], dtype=np.uint8),
+        # The test files unpacked, as torchvision leaves them after extracting.
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, size=(2, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": np.array([7, 4], dtype=np.uint8),
+    }
+    for name, arr in arrays.items():
+        write_idx(os.path.join(raw, name), arr)
+    return arrays
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+# ---------------------------------------------------------------- dataset table
+
+
+def test_dataset_info_and_unknown_name():
+    assert dataset_info("cifar100").num_classes == 100
+    assert dataset_info("imagenet").image_size == 224
+    with pytest.raises(DataError) as err:
+        dataset_info("cifar11")
+    msg = one_line(err)
+    assert "cifar11" in msg and all(n in msg for n in ("cifar10", "cifar100", "mnist", "digits", "imagenet"))
+
+
+def test_registry_is_the_vocabulary_one():
+    from iterand_tune import vocabulary
+
+    assert data.DATASETS is vocabulary.DATASETS and data.DatasetInfo is vocabulary.DatasetInfo
+    assert (data.IMAGENET_MEAN, data.IMAGENET_STD) == (vocabulary.IMAGENET_MEAN, vocabulary.IMAGENET_STD)
+
+
+# ---------------------------------------------------------------- readers
+
+
+def test_cifar10_reads_real_format(tmp_path):
+    x_np, y = make_cifar10(tmp_path)
+    train_x, train_y, test_x, test_y = load_cifar10(tmp_path, verify=False)
+    assert train_x.shape == (20, 3, 32, 32) and train_x.dtype == torch.uint8 and train_x.is_contiguous()
+    assert test_x.shape == (3, 3, 32, 32)
+    assert train_y.dtype == torch.int64 and train_y.tolist() == y and test_y.tolist() == [9, 9, 9]
+    assert torch.equal(train_x, torch.from_numpy(x_np))
+    # Known pixel through the flat layout: green plane (offset 1024), row 5, column 7 of image 6.
+    flat = x_np.reshape(20, 3072)
+    assert train_x[6, 1, 5, 7].item() == flat[6, 1024 + 5 * 32 + 7]
+    assert train_x[6, 2, 31, 0].item() == flat[6, 2048 + 31 * 32]
+
+
+def test_cifar100_reads_fine_labels(tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, size=(3, 3, 32, 32), dtype=np.uint8)
+    folder = tmp_path / "cifar-100-python"
+    write_cifar_batch(str(folder / "train"), x, [5, 99, 42], label_key="fine_labels")
+    write_cifar_batch(str(folder / "test"), x[:2], [0, 77], label_key="fine_labels")
+    write_pickle(str(folder / "meta"), {"fine_label_names": [f"c{k}" for k in range(100)]})
+    train_x, train_y, test_x, test_y = load_cifar100(tmp_path, verify=False)
+    assert train_x.shape == (3, 3, 32, 32) and test_x.shape == (2, 3, 32, 32)
+    assert train_y.tolist() == [5, 99, 42] and test_y.tolist() == [0, 77]
+    assert torch.equal(train_x, torch.from_numpy(x))
+
+
+def test_mnist_reads_idx_gz_and_plain(tmp_path):
+    arrays = make_mnist(tmp_path)
+    train_x, train_y, test_x, test_y = load_mnist(tmp_path, verify=False)
+    assert train_x.shape == (5, 3, 32, 32) and test_x.shape == (2, 3, 32, 32) and train_x.dtype == torch.uint8
+    assert train_y.tolist() == [0, 3, 9, 1, 2] and test_y.tolist() == [7, 4] and test_y.dtype == torch.int64
+    img = torch.from_numpy(arrays["train-images-idx3-ubyte.gz"])
+    assert torch.equal(train_x[:, 0, 2:30, 2:30], img)  # 28x28 centred in 32x32
+    assert train_x[:, :, :2].sum() == 0 and train_x[:, :, :, 30:].sum() == 0
+    assert torch.equal(train_x[:, 1], train_x[:, 0]) and torch.equal(train_x[:, 2], train_x[:, 0])
+    assert torch.equal(test_x[:, 2, 2:30, 2:30], torch.from_numpy(arrays["t10k-images-idx3-ubyte"]))
+    # The .gz files were unpacked beside themselves (torchvision reads the unpacked ones), nothing else left.
+    assert sorted(os.listdir(tmp_path / "MNIST" / "raw")) == sorted(
+        [n for n in arrays] + ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+    )
+
+
+@pytest.mark.parametrize(
+    "loader, expect",
+    [(load_cifar10, "cifar-10-batches-py"), (load_cifar100, "cifar-100-python"), (load_mnist, "MNIST/raw")],
+)
+def test_missing_dataset_is_one_line_error(tmp_path, loader, expect):
+    root = tmp_path / "nowhere"
+    with pytest.raises(DataError) as err:
+        loader(root)
+    msg = one_line(err)
+    assert str(root.resolve()) in msg and "--download" in msg and expect in msg
+    assert not root.exists()  # reading never creates the folder
+
+
+@pytest.mark.parametrize("name", ["test_batch", "batches.meta"])
+def test_partial_cifar_names_missing_file(tmp_path, name):
+    make_cifar10(tmp_path)
+    os.remove(tmp_path / "cifar-10-batches-py" / name)
+    with pytest.raises(DataError) as err:
+        load_cifar10(tmp_path, verify=False)
+    assert name in one_line(err) and "incomplete" in str(err.value) and "--download" in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "shape", "labels", "keys"])
+def test_corrupt_cifar_file_names_it_and_is_kept(tmp_path, damage):
+    make_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "shape":
+        write_cifar_batch(str(path), np.zeros((2, 3000), dtype=np.uint8), [0, 1])
+    elif damage == "labels":
+        write_cifar_batch(str(path), np.zeros((2, 3072), dtype=np.uint8), [0, 1, 2])
+    else:  # bytes keys: not what torchvision's latin1 reading of the official files gives
+        write_pickle(str(path), {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0, 1]})
+    before = path.read_bytes()
+    with pytest.raises(DataError) as err:
+        load_cifar10(tmp_path, verify=False)
+    msg = one_line(err)
+    assert str(path) in msg and "delete it" in msg
+    assert path.read_bytes() == before
+
+
+def test_md5_mismatch_with_verify(tmp_path):
+    make_cifar10(tmp_path)  # tiny files cannot match the official md5s
+    with pytest.raises(DataError) as err:
+        load_cifar10(tmp_path, verify=True)
+    msg = one_line(err)
+    assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in msg and "md5" in msg and "delete it" in msg
+    make_mnist(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_mnist(tmp_path, verify=True)
+    assert "train-images-idx3-ubyte.gz" in one_line(err) and "md5" in str(err.value)
+
+
+def test_mnist_bad_magic_and_length(tmp_path):
+    make_mnist(tmp_path)
+    path = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    path.write_bytes((0x803).to_bytes(4, "big") + path.read_bytes()[4:])
+    with pytest.raises(DataError) as err:
+        load_mnist(tmp_path, verify=False)
+    assert str(path) in one_line(err) and "delete" in str(err.value)
+    path.write_bytes((0x801).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"\x01\x02")
+    with pytest.raises(DataError) as err:
+        load_mnist(tmp_path, verify=False)
+    assert str(path) in one_line(err)
+    write_idx(str(path), np.array([7, 4, 1], dtype=np.uint8))  # well-formed, one label too many
+    with pytest.raises(DataError) as err:
+        load_mnist(tmp_path, verify=False)
+    assert str(path) in one_line(err) and "does not match" in str(err.value)
+
+
+def _offline(*args, **kwargs):
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+
+def test_failed_download_is_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", _offline)
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", _offline)
+    with pytest.raises(DataError) as err:
+        load_cifar10(tmp_path / "c", download=True)
+    msg = one_line(err)
+    assert CIFAR10.url in msg and str(tmp_path / "c") in msg and "name resolution" in msg
+    with pytest.raises(DataError) as err:
+        load_mnist(tmp_path / "m", download=True)
+    msg = one_line(err)  # torchvision's multi-line report of every mirror, on one line
+    assert MNIST.mirrors[0] in msg and str(tmp_path / "m" / "MNIST" / "raw") in msg
+
+
+def test_download_skipped_when_files_present(tmp_path, monkeypatch):
+    make_cifar10(tmp_path)
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", _offline)
+    train_x, *_ = load_cifar10(tmp_path, download=True, verify=False)
+    assert len(train_x) == 20
+
+
+def _download_in_process(root: str, log: str) -> int:
+    """Child process: load CIFAR-10 with a fake, slow download that logs each time it runs."""
+    import time
+
+    def fake_download(url, download_root, filename=None, md5=None):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # widen the window in which a second process could start downloading
+        make_cifar10(download_root)
+
+    tv_cifar.download_and_extract_archive = fake_download
+    train_x, *_ = load_cifar10(root, download=True, verify=False)
+    return len(train_x)
+
+
+def test_concurrent_trials_on_a_node_download_once(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    log = tmp_path / "downloads.log"
+    with ctx.Pool(3) as pool:
+        sizes = pool.starmap(_download_in_process, [(str(tmp_path / "data"), str(log))] * 3)
+    assert sizes == [20, 20, 20]                       # every process got the data
+    assert len(log.read_text().splitlines()) == 1      # and only one fetched it
+
+
+def test_downloads_time_out_instead_of_hanging(tmp_path, monkeypatch):
+    import socket
+
+    seen = []
+
+    def silent_network(url, download_root, filename=None, md5=None):
+        seen.append(socket.getdefaulttimeout())  # what a stalled urlopen would wait for
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", silent_network)
+    before = socket.getdefaulttimeout()
+    with pytest.raises(DataError) as err:
+        load_cifar10(tmp_path, download=True)
+    assert seen == [data.DOWNLOAD_TIMEOUT_S] and 0 < data.DOWNLOAD_TIMEOUT_S <= 120
+    assert "TimeoutError: timed out" in one_line(err)
+    assert socket.getdefaulttimeout() == before  # restored for the rest of the process
+
+
+# ---------------------------------------------------------------- splits
+
+
+def test_split_train_val_cifar10():
+    train, val = split_train_val(50_000)
+    assert len(train) == 45_000 and len(val) == 5_000
+    assert len(set(train.tolist()) | set(val.tolist())) == 50_000
+    perm = torch.randperm(50_000, generator=torch.Generator().manual_seed(777))
+    assert torch.equal(train, perm[:45_000]) and torch.equal(val, perm[45_000:])
+    train2, val2 = split_train_val(50_000)
+    assert torch.equal(train, train2) and torch.equal(val, val2)
+    # As the original: validation follows the truncated training part.
+    small, val3 = split_train_val(50_000, max_train=1000)
+    assert torch.equal(small, perm[:1000]) and torch.equal(val3, perm[1000:6000])
+    big, val4 = split_train_val(50_000, max_train=49_000)  # more than there is: the full split
+    assert torch.equal(big, train) and torch.equal(val4, val)
+    with pytest.raises(DataError):
+        split_train_val(50_000, max_train=0)
+
+
+def test_split_indices_and_imagenet_hold_out():
+    assert imagenet_val_size(1_281_167) == 12_811  # int(0.01 * n), as the original (round gives 12,812)
+    assert imagenet_val_size(150) == 1 and imagenet_val_size(12) == 1 and imagenet_val_size(2) == 1
+    perm = torch.randperm(1_000, generator=torch.Generator().manual_seed(777))
+    tr, va = split_indices(1_000, 10, max_train=100)
+    assert torch.equal(tr, perm[:100]) and torch.equal(va, perm[100:110])
+    tr, va = split_indices(1_000, 10)
+    assert torch.equal(tr, perm[:990]) and torch.equal(va, perm[990:])
+
+
+def test_load_splits_cifar10(tmp_path):
+    make_cifar10(tmp_path, per_batch=8)  # 40 images -> 36 train, 4 val
+    s = load_splits("cifar10", tmp_path, verify=False, max_train_dataset_size=10)
+    full_x, full_y, *_ = load_cifar10(tmp_path, verify=False)
+    train, val = split_train_val(40, max_train=10)
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(777))
+    assert torch.equal(val, perm[10:14])
+    assert len(s.train_y) == 10 and len(s.val_y) == 4 and len(s.test_y) == 3
+    assert torch.equal(s.train_x, full_x[train]) and torch.equal(s.val_y, full_y[val])
+
+
+def test_digits():
+    train_x, train_y, test_x, test_y = load_digits()
+    assert train_x.shape == (1437, 3, 32, 32) and test_x.shape == (360, 3, 32, 32) and train_x.dtype == torch.uint8
+    s = load_splits("digits", "unused")
+    assert (len(s.train_y), len(s.val_y), len(s.test_y)) == (1257, 180, 360)
+    for x, y in ((s.train_x, s.train_y), (s.val_x, s.val_y), (s.test_x, s.test_y)):
+        assert x.dtype == torch.uint8 and y.dtype == torch.int64
+        assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])
+        assert set(y.tolist()) == set(range(10))
+    assert s.train_x.max() >= 250 and s.train_x.min() == 0  # scaled to the full 0..255 range
+    again = load_splits("digits", "unused", max_train_dataset_size=100)
+    assert torch.equal(again.train_x, s.train_x[:100]) and torch.equal(again.val_y, s.val_y)
+    assert torch.equal(again.test_x, s.test_x)
+    # No image appears in two splits (digits has a few duplicates, so compare through the permutation).
+    perm = torch.randperm(1797, generator=torch.Generator().manual_seed(777))
+    from sklearn.datasets import load_digits as sk_digits
+
+    target = torch.from_numpy(sk_digits().target)
+    assert torch.equal(s.test_y, target[perm[1437:]]) and torch.equal(s.val_y, target[perm[1257:1437]])
