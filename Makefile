@@ -27,3 +27,11 @@ benchmark: install
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# On a GPU machine, from the checkout as it is: no venv, no install, no Ray (docs/gpu.md).
+# CUDA tests, throughput, packing and a short figure-2-like run in at most 8 minutes; the
+# results land in gpu-check/report.md and gpu-check/report.json. Exits 3 without a GPU.
+GPU_PYTHON ?= python3
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) benchmarks/gpu_check.py --out gpu-check

@@ -15,21 +15,30 @@ a) Training images/s of Conv6x1.0 and ResNet18x1.0, side by side in one process:
    Each pipeline is timed with CUDA events over --steps steps after --warmup warm-up steps;
    cuDNN is deterministic, without autotuning, for every row except `cudnn.benchmark`.
 b) Aggregate training images/s of k trials at once on one GPU at 1/k each (k = 1, 2, 4, 8), for
-   Conv6x0.25 and ResNet18x0.25, run as real Ray Tune trials (`iterand_tune.runner.run` with
+   Conv6x0.25 and ResNet18x0.25, run as real Ray Tune trials (`iterand_tune.tune.run` with
    `gpus_per_trial=1/k`, one CPU each; 6 full epochs per trial). Every trial reports
-   `epoch_seconds` and `iterations` per epoch; from those and Ray's clock each epoch is placed
-   on the wall clock, and the aggregate is the training images of all trials inside the window
+   `epoch_seconds`, `epoch_end_time` (its wall clock at the epoch's end) and `iterations` per
+   epoch; from those each epoch is placed on the wall clock, and the aggregate is the training
+   images of all trials inside the window
    where all k were training (from the latest start of a second epoch, so CUDA start-up is left
    out, to the earliest end of a last epoch) over the window's length. Pauses between epochs
    (report, checkpoint) count as time without images, as in a real run; `epoch_seconds` also
    holds one 512-image validation batch, so rates are slightly low.
 c) Peak GPU memory: per pipeline in (a) (`torch.cuda.max_memory_allocated`, the 184 MB
-   device-resident dataset included for ours), per trial in (b) (its `peak_gpu_memory_mb`).
+   device-resident dataset included for ours, and `max_memory_reserved`, what the caching
+   allocator held), per trial in (b) (its `peak_gpu_memory_mb` and `peak_gpu_reserved_mb`).
+   The memory (a) cached is released before (b) starts.
+
+The torch.compile rows check Dynamo's counters: a row counts as compiled only when Dynamo built
+a graph during the warm-up, without graph breaks or failed frames, and nothing was compiled
+again while timing (which runs under `torch.compiler.set_stance("fail_on_recompile")`). An
+eager fallback (e.g. past the recompile limit) is reported as such, never as compiled.
 
 Hardware: written for one NVIDIA H200 (141 GB) with 16 CPU cores. It starts no measurement
 expected to end after --budget-s seconds (default 420), so that a whole run stays under 8
 minutes; the torch.compile rows of (a) run last for that reason. No figures have been measured
-with it yet.
+with it yet. `benchmarks/gpu_check.py` calls these functions and writes their results into its
+report.
 
 Usage: python benchmarks/gpu_throughput.py [--steps 100] [--warmup 20] [--ks 1 2 4 8]
            [--epochs 6] [--iters 0] [--no-compile] [--cpu] [--skip-a] [--skip-b] [--budget-s 420]
@@ -41,6 +50,7 @@ Every ratio is also printed on a line of its own: `ratio <what>: <value>`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import glob
 import json
@@ -62,7 +72,7 @@ from iterand_tune.models import Layers, create_model
 from iterand_tune.supermask import SparseConv2d, SparseLinear, mask_k
 from iterand_tune.training import Trainer
 
-SPARSITY = {"conv6": 0.5, "resnet18": 0.6}  # the paper's p for Figure 2 (SPEC 7)
+SPARSITY = {"conv6": 0.5, "resnet18": 0.6}  # the paper's p for Figure 2 (docs/method.md section 7)
 REF_WORKERS = 4
 
 
@@ -121,7 +131,46 @@ def reset_memory(device: torch.device) -> None:
 
 
 def peak_mb(device: torch.device) -> Optional[float]:
+    """Peak memory allocated since the last reset, MB (None off CUDA)."""
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def peak_reserved_mb(device: torch.device) -> Optional[float]:
+    """Peak memory the caching allocator held since the last reset, MB (None off CUDA): what
+    a per-process memory cap limits."""
+    return torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
+
+
+def dynamo_counts() -> dict[str, int]:
+    """Dynamo's counters that tell compiled from eager: graphs built, frames it tried to compile
+    and those it compiled, graph breaks."""
+    from torch._dynamo.utils import counters  # only compile rows need Dynamo
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "frames": int(counters["frames"]["total"]), "frames_ok": int(counters["frames"]["ok"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
+def compile_verdict(before: dict[str, int], warm: dict[str, int], after: dict[str, int]) -> tuple[bool, str]:
+    """(compiled?, why) from Dynamo's counters before the warm-up, after it and after timing."""
+    delta = {k: warm[k] - before[k] for k in warm}
+    if delta["graphs"] < 1:
+        return False, "Dynamo built no graph during the warm-up: the steps ran eagerly"
+    if delta["frames_ok"] < delta["frames"]:
+        return False, f"{delta['frames'] - delta['frames_ok']} frame(s) failed to compile (eager)"
+    if delta["graph_breaks"]:
+        return False, f"{delta['graph_breaks']} graph break(s): partly eager"
+    if after["frames"] != warm["frames"]:
+        return False, "Dynamo compiled again while timing (a recompile, or an eager fallback)"
+    return True, f"{delta['graphs']} graph(s), no recompile while timing"
+
+
+def _timing_stance(compiled: bool) -> Any:
+    """While timing a compiled step, a recompile is an error rather than a silent slowdown."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if not compiled or set_stance is None:
+        return contextlib.nullcontext()
+    return set_stance("fail_on_recompile")
 
 
 # ----------------------------------------------------------------------------- (a) ours
@@ -136,8 +185,11 @@ def full_batches(loader: Any, batch: int) -> Iterator[tuple[torch.Tensor, torch.
 
 
 def ours(model: str, options: dict[str, Any], batch: int, steps: int, warmup: int,
-         device: torch.device, max_train: Optional[int]) -> tuple[float, Optional[float]]:
-    """(images/s, peak MB) of the Trainer's own step on device-resident augmented batches."""
+         device: torch.device, max_train: Optional[int]) -> dict[str, Any]:
+    """The Trainer's own step on device-resident augmented batches: images_per_s,
+    peak_allocated_mb, peak_reserved_mb, and for a compile row `compiled` (bool) and
+    `compile_note` from Dynamo's counters; a row whose steps fell back to eager has
+    images_per_s None (it measured something else)."""
     reset_memory(device)
     cfg = TrialConfig(**edgepopup(model, batch_size=batch, epochs=1, max_train_dataset_size=max_train,
                                   **options))
@@ -154,10 +206,30 @@ def ours(model: str, options: dict[str, Any], batch: int, steps: int, warmup: in
         loss_sum += batch_loss
         correct += batch_correct
 
-    seconds = timed(step, steps, warmup, device)
+    row: dict[str, Any] = {}
+    if cfg.compile:
+        before = dynamo_counts()
+        for _ in range(warmup):
+            step()
+        warm = dynamo_counts()
+        try:
+            with _timing_stance(True):
+                seconds = timed(step, steps, 0, device)
+        except Exception as err:  # noqa: BLE001 - fail_on_recompile: reported in the row
+            seconds = None
+            row.update(compiled=False, compile_note=f"recompiled while timing: {str(err).splitlines()[0]}")
+        else:
+            ok, note = compile_verdict(before, warm, dynamo_counts())
+            row.update(compiled=ok, compile_note=note)
+            if not ok or not trainer.compiled:
+                seconds = None  # never report an eager (or partly eager) run as compiled
+    else:
+        seconds = timed(step, steps, warmup, device)
     if not torch.isfinite(loss_sum).item():  # read once, after the timing
         raise RuntimeError(f"{model} {options}: the training loss is not finite")
-    return steps * batch / seconds, peak_mb(device)
+    row.update(images_per_s=steps * batch / seconds if seconds else None,
+               peak_allocated_mb=peak_mb(device), peak_reserved_mb=peak_reserved_mb(device))
+    return row
 
 
 # ----------------------------------------------------------------------------- (a) reference
@@ -218,10 +290,10 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def reference(model: str, batch: int, steps: int, warmup: int,
-              device: torch.device) -> tuple[float, Optional[float]]:
-    """(images/s, peak MB) of a reference-style pipeline: PIL transforms in DataLoader workers,
-    host-read thresholds, a loss meter reading the loss every step."""
+def reference(model: str, batch: int, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
+    """A reference-style pipeline: PIL transforms in DataLoader workers, host-read thresholds, a
+    loss meter reading the loss every step. Returns images_per_s, peak_allocated_mb,
+    peak_reserved_mb."""
     from torchvision import transforms as T
 
     reset_memory(device)
@@ -255,9 +327,10 @@ def reference(model: str, batch: int, steps: int, warmup: int,
         losses.append(loss.item())
 
     seconds = timed(step, steps, warmup, device)
-    mem = peak_mb(device)
+    row = dict(images_per_s=steps * batch / seconds, peak_allocated_mb=peak_mb(device),
+               peak_reserved_mb=peak_reserved_mb(device))
     batches.close()  # drops the loader's iterator, which stops its workers
-    return steps * batch / seconds, mem
+    return row
 
 
 # Rows of (a) for our pipeline. On a CPU only the first and the combined one run (a smoke
@@ -272,32 +345,53 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
 COMPILE_VARIANTS: list[tuple[str, dict[str, Any]]] = [("ours compile", dict(compile=True))]
 COMPILE_SECONDS = 120  # what one compilation (forward and backward) may take: a row starts only with this left
 CPU_VARIANTS = ("ours fp32 (defaults)", "ours channels_last+bf16")
-A_HEAD = f"{'model':<15}{'pipeline':<33}{'img/s':>10}{'vs ref':>9}{'peak MB':>10}"
+A_HEAD = f"{'model':<15}{'pipeline':<33}{'img/s':>10}{'vs ref':>9}{'peak MB':>10}{'reserved':>10}"
+REFERENCE_LABEL = "reference-style (PIL, .item)"
 
 
 def part_a(models: list[str], variants: list[tuple[str, dict[str, Any]]], ref_rates: dict[str, float],
            batch: int, steps: int, warmup: int, device: torch.device, budget: Budget,
-           max_train: Optional[int]) -> list[tuple[str, float]]:
-    """Rows of (a); measures the reference of a model first unless `ref_rates` has it."""
+           max_train: Optional[int], rows: Optional[list[dict[str, Any]]] = None) -> list[tuple[str, float]]:
+    """Rows of (a), printed and appended to `rows` (dicts: model, pipeline, options,
+    images_per_s, vs_reference, peak_allocated_mb, peak_reserved_mb[, compiled, compile_note]);
+    measures the reference of a model first unless `ref_rates` has it. Returns the ratios of
+    the default rows to the reference."""
+    rows = [] if rows is None else rows
     ratios = []
     for model in models:
         if model not in ref_rates:
             if budget.spent(f"(a) {model}"):
                 continue
-            ref_rates[model], ref_mem = reference(model, batch, steps, warmup, device)
-            print(f"{model:<15}{'reference-style (PIL, .item)':<33}{ref_rates[model]:>10.0f}{1.0:>9.2f}"
-                  f"{_mb(ref_mem):>10}", flush=True)
+            ref = reference(model, batch, steps, warmup, device)
+            ref_rates[model] = ref["images_per_s"]
+            rows.append(dict(model=model, pipeline=REFERENCE_LABEL, options={}, vs_reference=1.0, **ref))
+            _print_a(rows[-1])
         for label, options in variants:
             if device.type == "cpu" and label not in CPU_VARIANTS:
                 continue
             if budget.spent(f"(a) {model} {label}", COMPILE_SECONDS if options.get("compile") else 0):
                 continue
-            rate, mem = ours(model, options, batch, steps, warmup, device, max_train)
-            ratio = rate / ref_rates[model]
-            print(f"{model:<15}{label:<33}{rate:>10.0f}{ratio:>9.2f}{_mb(mem):>10}", flush=True)
-            if not options:
+            got = ours(model, options, batch, steps, warmup, device, max_train)
+            rate = got["images_per_s"]
+            ratio = rate / ref_rates[model] if rate else None
+            rows.append(dict(model=model, pipeline=label, options=dict(options), vs_reference=ratio, **got))
+            _print_a(rows[-1])
+            if not options and ratio is not None:
                 ratios.append((f"a) {model} ours/reference images/s", ratio))
     return ratios
+
+
+def _print_a(row: dict[str, Any]) -> None:
+    rate, ratio = row["images_per_s"], row["vs_reference"]
+    line = (f"{row['model']:<15}{row['pipeline']:<33}{_num(rate, 0):>10}{_num(ratio, 2):>9}"
+            f"{_mb(row['peak_allocated_mb']):>10}{_mb(row['peak_reserved_mb']):>10}")
+    if "compiled" in row:
+        line += f"  ({'compiled' if row['compiled'] else 'NOT compiled'}: {row['compile_note']})"
+    print(line, flush=True)
+
+
+def _num(value: Optional[float], digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _mb(value: Optional[float]) -> str:
@@ -316,15 +410,23 @@ def read_trials(run_path: str) -> list[list[dict[str, Any]]]:
     return trials
 
 
+def _batch_size(row: dict[str, Any]) -> int:
+    """The batch size of a reported row: its own, or its Ray Tune trial config's."""
+    return int(row["batch_size"]) if "batch_size" in row else int(row["config"]["trial"]["batch_size"])
+
+
 def epoch_spans(rows: list[dict[str, Any]]) -> list[tuple[float, float, int]]:
     """(start, end, training images) on the wall clock of every epoch after the first (which
-    holds CUDA's start-up). Ray's `timestamp` is whole seconds but its `time_total_s` is exact:
-    the trial's clock offset is the largest `timestamp - time_total_s` over its epochs."""
-    offset = max(r["timestamp"] - r["time_total_s"] for r in rows)
+    holds CUDA's start-up). The end is the trial's own `epoch_end_time` (time.time() at the
+    epoch's end); rows without it (older results) fall back on Ray's clock, whose `timestamp` is
+    whole seconds: the trial's clock offset is then the largest `timestamp - time_total_s`."""
+    offset = None
+    if not all("epoch_end_time" in r for r in rows):
+        offset = max(r["timestamp"] - r["time_total_s"] for r in rows)
     spans = []
     for prev, row in zip(rows, rows[1:]):
-        end = offset + row["time_total_s"]
-        images = (row["iterations"] - prev["iterations"]) * row["config"]["trial"]["batch_size"]
+        end = row["epoch_end_time"] if offset is None else offset + row["time_total_s"]
+        images = (row["iterations"] - prev["iterations"]) * _batch_size(row)
         spans.append((end - row["epoch_seconds"], end, images))
     return spans
 
@@ -351,11 +453,17 @@ def aggregate_rate(trials: list[list[dict[str, Any]]]) -> tuple[float, list[floa
 
 
 def part_b(models: list[str], ks: list[int], epochs: int, iters: int, batch: int, gpu: bool,
-           budget: Budget, max_train: Optional[int], batch_eval: int) -> list[tuple[str, float]]:
-    import ray
+           budget: Budget, max_train: Optional[int], batch_eval: int,
+           rows: Optional[list[dict[str, Any]]] = None) -> list[tuple[str, float]]:
+    """Rows of (b) as real Ray Tune trials, printed and appended to `rows` (dicts: model, k,
+    share, per_trial_images_per_s, aggregate_images_per_s, vs_k1, overlapped,
+    peak_allocated_mb, peak_reserved_mb); returns the ratios to the first k."""
+    import ray  # only (b) needs Ray: a GPU machine without it runs (a) and gpu_check's packing
 
     from iterand_tune.experiments import Experiment
-    from iterand_tune.runner import RunOptions, run
+    from iterand_tune.tune import RunOptions, run
+
+    rows = [] if rows is None else rows
 
     # Without CUDA a logical GPU still exercises the 1/k requests; Ray refuses one where
     # CUDA_VISIBLE_DEVICES is set to nothing, and then the trials ask for CPUs only.
@@ -397,10 +505,15 @@ def part_b(models: list[str], ks: list[int], epochs: int, iters: int, batch: int
                 trials = read_trials(opts.path)
                 total, rates, overlapped = aggregate_rate(trials)
                 base = total if k == ks[0] else base
-                mems = [r["peak_gpu_memory_mb"] for rows in trials for r in rows if "peak_gpu_memory_mb" in r]
+                mems = [r["peak_gpu_memory_mb"] for rs in trials for r in rs if "peak_gpu_memory_mb" in r]
+                held = [r["peak_gpu_reserved_mb"] for rs in trials for r in rs if "peak_gpu_reserved_mb" in r]
                 note = "" if overlapped else "  (the trials did not overlap: each one's own rate)"
                 print(f"{model:<15}{k:>3}{statistics.fmean(rates):>17.0f}{total:>17.0f}{total / base:>8.2f}"
                       f"{_mb(max(mems) if mems else None):>15}{note}", flush=True)
+                rows.append(dict(model=model, k=k, share=1 / k, per_trial_images_per_s=rates,
+                                 aggregate_images_per_s=total, vs_k1=total / base, overlapped=overlapped,
+                                 peak_allocated_mb=max(mems) if mems else None,
+                                 peak_reserved_mb=max(held) if held else None))
                 if k != ks[0]:
                     ratios.append((f"b) {model} aggregate k={k}/k={ks[0]}", total / base))
         finished = True
@@ -466,6 +579,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"\na) training images/s, edge-popup, batch {batch}, {steps} steps timed after "
               f"{warmup} warm-up steps ({clock})\n{A_HEAD}\n{'-' * len(A_HEAD)}", flush=True)
         ratios += part_a(models_a, VARIANTS, ref_rates, batch, steps, warmup, device, budget, max_train)
+        reset_memory(device)  # (a)'s cached blocks would otherwise count against (b)'s trials
     if not args.skip_b:
         ratios += part_b(models_b, ks, epochs, iters, batch, gpu, budget, max_train, batch_eval)
     if not args.skip_a and compile_rows:

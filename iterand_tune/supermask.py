@@ -1,5 +1,6 @@
 """Supermask layers: the edge-popup mask rule, SparseConv2d / SparseLinear, weight and score
-initialisation, and IteRand's in-place re-randomisation of pruned weights (SPEC.md 1-3).
+initialisation, and IteRand's in-place re-randomisation of pruned weights (docs/method.md,
+sections 1-3).
 
 Nothing here reads a tensor back to the host: thresholds stay on the tensor's device.
 """
@@ -18,8 +19,30 @@ RELU_GAIN = math.sqrt(2.0)
 
 
 def mask_k(numel: int, sparsity: float) -> int:
-    """1-based rank of the threshold score: k = 1 + round(p * (n - 1)) (Python round, half to even)."""
-    return 1 + round(sparsity * (numel - 1))
+    """1-based rank of the threshold score, as the original code computes it:
+    k = 1 + round(0.01 * float(p * 100) * (n - 1)) in float64 (Python round, half to even).
+
+    The detour through a percentage is the original's (it stores p in percent) and matters when
+    p * (n - 1) is exactly a half: for p = 0.7 and n = 128*128*3*3, 0.01 * (0.7 * 100) is
+    0.7000000000000001, so the product rounds up (k = 103,220) where p * (n - 1) = 103,218.5
+    would round to even (k = 103,219). See docs/method.md, section 1.
+    """
+    return 1 + round(0.01 * float(sparsity * 100) * (numel - 1))
+
+
+def _flat(t: Tensor) -> Tensor:
+    """`t`'s entries as a 1-d tensor, a view whenever `t` is dense in memory.
+
+    The k-th smallest value does not depend on the order of the entries, so a channels_last
+    4-d tensor is flattened in its memory order (N, H, W, C): `reshape(-1)` in the logical
+    order would copy every score tensor at every step.
+    """
+    t = t.detach()
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)  # contiguous after the permute: a view
+    return t.reshape(-1)
 
 
 def _threshold(scores: Tensor, k: int, scratch: Optional[Tensor] = None) -> Tensor:
@@ -28,7 +51,7 @@ def _threshold(scores: Tensor, k: int, scratch: Optional[Tensor] = None) -> Tens
     `scratch`, a contiguous tensor like `scores`, lets the CPU path select in place instead
     of allocating a copy.
     """
-    flat = scores.detach().reshape(-1)
+    flat = _flat(scores)
     if (flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64)
             and not torch.compiler.is_compiling()):  # torch.compile cannot trace numpy's select
         # numpy's introselect is about twice as fast as torch.kthvalue on CPU, and the
@@ -62,7 +85,8 @@ class _Supermask(torch.autograd.Function):
 
 
 def supermask(scores: Tensor, sparsity: float) -> Tensor:
-    """0/1 mask of `scores`' shape keeping scores >= the k-th smallest (SPEC 1), straight-through."""
+    """0/1 mask of `scores`' shape keeping scores >= the k-th smallest (k = mask_k), with a
+    straight-through gradient."""
     return _Supermask.apply(scores, mask_k(scores.numel(), sparsity))
 
 
@@ -96,7 +120,8 @@ def fan_in(t: Tensor) -> int:
 
 
 def init_(t: Tensor, mode: str, scale: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Fill `t` in place from one of SPEC 2's distributions (fan_in, ReLU gain) times `scale`."""
+    """Fill `t` in place from one of the initialisations of docs/method.md section 2 (fan_in,
+    ReLU gain) times `scale`."""
     with torch.no_grad():
         if mode == "kaiming_uniform":
             bound = scale * RELU_GAIN * math.sqrt(3.0 / fan_in(t))
@@ -137,9 +162,12 @@ class SparseMixin:
                 raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
             self.scores = nn.Parameter(init_(torch.empty_like(self.weight), init_mode_mask, init_scale_score))
         self.sparsity = sparsity
-        # Scratch space for rerandomize_, allocated on first use and reused (moves with .to()).
-        self.register_buffer("_rerand_draw", None, persistent=False)
-        self.register_buffer("_rerand_pick", None, persistent=False)
+        # Scratch space for rerandomize_, allocated on first use and reused. Plain attributes,
+        # not buffers: DataParallel would broadcast buffers to every replica at every step, and
+        # they are not state. `model.to()` does not move them; rerandomize_ re-allocates them
+        # when the weight's device, dtype or shape no longer matches.
+        self._rerand_draw: Optional[Tensor] = None
+        self._rerand_pick: Optional[Tensor] = None
 
     def effective_weight(self) -> Tensor:
         if self.scores is None:
@@ -149,17 +177,18 @@ class SparseMixin:
     @torch.no_grad()
     def rerandomize_(self, mode: str, rerand_lambda: float, rerand_mu: Optional[float] = None,
                      rerand_rate: float = 1.0) -> None:
-        """Re-draw pruned weights in place (SPEC 3); kept weights and scores never change."""
+        """Re-draw pruned weights in place (docs/method.md section 3); kept weights and scores
+        never change."""
         if self.scores is None:
             return
         w = self.weight
-        if (self._rerand_draw is None or self._rerand_draw.shape != w.shape
-                or not self._rerand_draw.is_contiguous()):  # e.g. after model.to(channels_last)
+        draw, pick = self._rerand_draw, self._rerand_pick
+        if (draw is None or pick is None or draw.device != w.device or draw.dtype != w.dtype
+                or draw.shape != w.shape or not draw.is_contiguous()):
             # Contiguous whatever w's layout (channels_last): the draws then land on the same
             # elements in either layout, so channels_last does not change which weights IteRand draws.
-            self._rerand_draw = torch.empty_like(w, memory_format=torch.contiguous_format)
-            self._rerand_pick = torch.empty_like(w, memory_format=torch.contiguous_format)
-        draw, pick = self._rerand_draw, self._rerand_pick
+            draw = self._rerand_draw = torch.empty_like(w, memory_format=torch.contiguous_format)
+            pick = self._rerand_pick = torch.empty_like(w, memory_format=torch.contiguous_format)
         # pruned = 1 where S < t(p * rate): the complement of that mask.
         t = _threshold(self.scores, mask_k(self.scores.numel(), self.sparsity * rerand_rate), scratch=draw)
         pick.copy_(self.scores).lt_(t)
@@ -225,6 +254,7 @@ def sparse_layers(model: nn.Module) -> Iterator[SparseMixin]:
 
 def rerandomize_(model: nn.Module, mode: str, rerand_lambda: float, rerand_mu: Optional[float] = None,
                  rerand_rate: float = 1.0) -> None:
-    """Re-randomise the pruned weights of every prunable layer of `model` in place (SPEC 3)."""
+    """Re-randomise the pruned weights of every prunable layer of `model` in place
+    (docs/method.md section 3)."""
     for layer in sparse_layers(model):
         layer.rerandomize_(mode, rerand_lambda, rerand_mu, rerand_rate)

@@ -1,59 +1,137 @@
-"""Mask rule, straight-through gradients, initialisation and re-randomisation (SPEC 1-3)."""
+"""Mask rule, straight-through gradients, initialisation and re-randomisation (docs/method.md,
+sections 1-3). The mask rule is checked through every path that computes it: `supermask()`,
+`masked_weight()` and the layers' own forward (`effective_weight()`)."""
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from iterand_tune.supermask import (SparseConv2d, SparseLinear, _kth_smallest_topk, _threshold,
-                                    init_, mask_k, masked_weight, rerandomize_, supermask)
+from iterand_tune.supermask import (SparseConv2d, SparseLinear, _flat, _kth_smallest_topk,
+                                    _threshold, init_, mask_k, masked_weight, rerandomize_,
+                                    supermask)
+
+
+def original_k(n: int, p: float) -> int:
+    """The original code's rank: p goes through a percentage, in float64, Python round."""
+    return 1 + round(0.01 * float(p * 100) * (n - 1))
 
 
 def reference_mask(scores: torch.Tensor, p: float) -> torch.Tensor:
-    """SPEC 1 written out the slow way: sort, take the k-th smallest, keep >= it."""
-    n = scores.numel()
-    k = 1 + round(p * (n - 1))
-    t = torch.sort(scores.flatten()).values[k - 1]
+    """The mask rule written out the slow way: sort, take the k-th smallest, keep >= it."""
+    t = torch.sort(scores.flatten()).values[original_k(scores.numel(), p) - 1]
     return (scores >= t).float()
+
+
+def layer_mask(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """The mask as a layer's forward computes it: `effective_weight()` of a SparseLinear (2-d
+    scores; 1-d ones as a column) or SparseConv2d (4-d) holding `scores`, with weights 1."""
+    s = scores.reshape(-1, 1) if scores.dim() == 1 else scores
+    if s.dim() == 4:
+        layer = SparseConv2d(s.shape[1], s.shape[0], s.shape[2], sparsity=p)
+    else:
+        layer = SparseLinear(s.shape[1], s.shape[0], sparsity=p)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.scores.copy_(s)
+    return layer.effective_weight().detach().reshape(scores.shape)
+
+
+def masks(scores: torch.Tensor, p: float) -> dict[str, torch.Tensor]:
+    """The mask of `scores` at sparsity p by every path: path -> 0/1 tensor."""
+    return {"supermask": supermask(scores, p),
+            "masked_weight": masked_weight(torch.ones_like(scores), scores, p),
+            "layer": layer_mask(scores, p)}
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 100, 1001, 4096])
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.25, 0.5, 0.6, 0.7, 0.999])
-def test_mask_on_distinct_scores_prunes_round_p_n_minus_1(n, p):
+def test_mask_on_distinct_scores_prunes_k_minus_1(n, p):
     scores = torch.randperm(n).float().reshape(-1, 1) / n  # distinct values
-    m = supermask(scores, p)
-    assert m.shape == scores.shape
-    assert int(m.sum()) == n - round(p * (n - 1))
-    assert torch.equal(m, reference_mask(scores, p))
+    assert mask_k(n, p) == original_k(n, p)
+    for path, m in masks(scores, p).items():
+        assert m.shape == scores.shape, path
+        assert int(m.sum()) == n - (original_k(n, p) - 1), path
+        assert torch.equal(m, reference_mask(scores, p)), path
 
 
 def test_round_is_half_to_even():
     # p*(n-1) = 0.5 -> 0 pruned; 1.5 -> 2 pruned; 2.5 -> 2 pruned (Python round)
     s = torch.arange(5.0)
-    assert int((supermask(s, 0.125) == 0).sum()) == 0
-    assert int((supermask(s, 0.375) == 0).sum()) == 2
-    assert int((supermask(s, 0.625) == 0).sum()) == 2
+    for p, pruned in ((0.125, 0), (0.375, 2), (0.625, 2)):
+        for path, m in masks(s, p).items():
+            assert int((m == 0).sum()) == pruned, (p, path)
     assert mask_k(5, 0.625) == 3
+
+
+def test_exact_half_rank_follows_the_percent_form():
+    # 128x128x3x3: p * (n - 1) = 0.7 * 147,455 = 103,218.5 exactly, which would round to even
+    # (k = 103,219); 0.01 * (0.7 * 100) = 0.7000000000000001 puts it above the half: k = 103,220.
+    n = 128 * 128 * 3 * 3
+    assert 0.7 * (n - 1) == 103218.5 and 0.01 * (0.7 * 100) > 0.7
+    assert mask_k(n, 0.7) == 103220
+    torch.manual_seed(8)
+    conv = SparseConv2d(128, 128, 3, padding=1, sparsity=0.7)
+    with torch.no_grad():
+        conv.scores.copy_(torch.randperm(n).float().reshape(conv.scores.shape))  # distinct
+    keep = conv.effective_weight() != 0
+    assert int(keep.sum()) == n - (103220 - 1) == 44237
+    x = torch.randn(1, 128, 4, 4)
+    expected = F.conv2d(x, conv.weight * reference_mask(conv.scores.detach(), 0.7), padding=1)
+    torch.testing.assert_close(conv(x), expected)  # the forward uses that mask
+    # 4,096 entries have an exact half at p = 0.7 too: 0.7 * 4095 = 2866.5 -> k = 2868, not 2867.
+    assert mask_k(4096, 0.7) == 2868
+
+
+def test_half_sparsity_ranks_are_unchanged():
+    # 0.01 * (0.5 * 100) is exactly 0.5: p = 0.5 keeps its plain k = 1 + round((n - 1) / 2)
+    # (half to even), so every p = 0.5 result (the digits quick start) stays as it was.
+    for n in [*range(1, 3000), 1728, 36864, 147456, 589824, 2359296, 2**20]:
+        assert mask_k(n, 0.5) == 1 + round(0.5 * (n - 1)), n
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3, 0.5, 0.9])
 def test_mask_with_ties_keeps_every_score_equal_to_the_threshold(p):
     torch.manual_seed(0)
     scores = torch.randint(0, 5, (20, 30)).float()  # heavy ties
-    m = supermask(scores, p)
-    assert torch.equal(m, reference_mask(scores, p))
     n = scores.numel()
-    assert int(m.sum()) >= n - round(p * (n - 1))  # ties can only keep more
+    for path, m in masks(scores, p).items():
+        assert torch.equal(m, reference_mask(scores, p)), path
+        assert int(m.sum()) >= n - (mask_k(n, p) - 1), path  # ties can only keep more
 
 
 def test_constant_scores_keep_everything():
-    assert torch.equal(supermask(torch.full((3, 4), 0.7), 0.9), torch.ones(3, 4))
+    for path, m in masks(torch.full((3, 4), 0.7), 0.9).items():
+        assert torch.equal(m, torch.ones(3, 4)), path
 
 
 def test_p_zero_keeps_everything_and_negative_zero_ties_positive_zero():
     torch.manual_seed(1)
-    assert torch.equal(supermask(torch.randn(50), 0.0), torch.ones(50))
+    for path, m in masks(torch.randn(50), 0.0).items():
+        assert torch.equal(m, torch.ones(50)), path
     s = torch.tensor([-0.0, 0.0, 0.0, -0.0, 1.0])
-    assert torch.equal(supermask(s, 0.5), torch.ones(5))  # -0.0 == 0.0 as floats
+    for path, m in masks(s, 0.5).items():
+        assert torch.equal(m, torch.ones(5)), path  # -0.0 == 0.0 as floats
+
+
+def test_channels_last_scores_are_flattened_without_a_copy():
+    torch.manual_seed(9)
+    s = torch.randn(32, 16, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert not s.is_contiguous()
+    flat = _flat(s)
+    assert flat.dim() == 1 and flat.data_ptr() == s.data_ptr() and flat._base is not None  # a view
+    assert torch.equal(flat.sort().values, s.flatten().sort().values)  # the same entries
+    for p in (0.3, 0.5, 0.7):
+        k = mask_k(s.numel(), p)
+        assert _threshold(s, k) == torch.kthvalue(s.flatten(), k).values
+        assert _kth_smallest_topk(_flat(s), k) == torch.kthvalue(s.flatten(), k).values
+    layer = SparseConv2d(16, 32, 3, sparsity=0.5)
+    mask = layer_mask(s.contiguous(), 0.5)
+    layer.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.scores.copy_(s)
+    assert torch.equal(layer.effective_weight().detach(), mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -204,7 +282,7 @@ def test_signed_constant_redraws_keep_magnitude():
     assert torch.allclose(layer.weight.abs(), torch.full_like(layer.weight, c))
 
 
-def test_rerandomize_reuses_its_buffers_and_skips_dense_layers():
+def test_rerandomize_reuses_its_scratch_and_skips_dense_layers():
     layer = _layer()
     rerandomize_(layer, "bernoulli", 0.1)
     ptrs = (layer._rerand_draw.data_ptr(), layer._rerand_pick.data_ptr())
@@ -215,3 +293,41 @@ def test_rerandomize_reuses_its_buffers_and_skips_dense_layers():
     w0 = dense.weight.detach().clone()
     rerandomize_(dense, "bernoulli", 1.0)
     assert torch.equal(dense.weight, w0)
+
+
+def test_rerandomize_scratch_is_no_buffer_so_data_parallel_does_not_broadcast_it():
+    # DataParallel broadcasts every buffer to every replica at every step.
+    layer = _layer()
+    rerandomize_(layer, "bernoulli", 0.1)
+    names = {name for name, _ in layer.named_buffers()}
+    assert not names & {"_rerand_draw", "_rerand_pick"}
+    assert layer._rerand_draw is not None and "_rerand_draw" not in layer._buffers
+
+
+def test_rerandomize_scratch_follows_the_weight_to_another_device_or_dtype():
+    # model.to() leaves plain attributes where they are: rerandomize_ re-allocates the scratch
+    # when it no longer matches the weight (the meta device stands in for a GPU here).
+    layer = _layer()
+    rerandomize_(layer, "bernoulli", 0.1)
+    layer.double()
+    w0 = layer.weight.detach().clone()
+    rerandomize_(layer, "bernoulli", 1.0)
+    assert layer._rerand_draw.dtype == layer._rerand_pick.dtype == torch.float64
+    assert not torch.equal(layer.weight, w0)
+    layer.to("meta")
+    rerandomize_(layer, "bernoulli", 0.5)
+    assert layer._rerand_draw.device.type == layer._rerand_pick.device.type == "meta"
+    assert layer._rerand_draw.shape == layer.weight.shape
+
+
+def test_rerandomize_uses_the_percent_form_rank_of_p_times_rate():
+    # p * rate = 0.7 on a 128x128x3x3 layer: exactly the half case of the mask rule.
+    torch.manual_seed(10)
+    conv = SparseConv2d(128, 128, 3, sparsity=0.875)
+    n = conv.scores.numel()
+    with torch.no_grad():
+        conv.scores.copy_(torch.randperm(n).float().reshape(conv.scores.shape))
+    w0 = conv.weight.detach().clone()
+    rerandomize_(conv, "bernoulli", 1.0, rerand_rate=0.8)
+    assert mask_k(n, 0.875 * 0.8) == 103220
+    assert int((conv.weight != w0).sum()) == 103219  # r = 1: every weight scored below the k-th

@@ -1,17 +1,28 @@
-"""Trainer (SPEC 6): schedules, re-randomisation timing, what is trained, learning, resume."""
+"""Trainer (docs/method.md section 6): schedules, re-randomisation timing, what is trained,
+learning, resume, checkpoints moved between devices, and the process-wide switches of CUDA
+trials (tested on CPU with stand-ins; the CUDA side is in test_cuda.py)."""
+import copy
 import math
+import os
+import threading
+import warnings
 
 import pytest
 import torch
 
 import iterand_tune.training as training
 from iterand_tune.config import METHODS, TrialConfig
-from iterand_tune.training import Trainer, lr_at, resolve_device
+from iterand_tune.models import create_model
+from iterand_tune.training import (AutocastForward, Trainer, data_parallel, lr_at, resolve_device,
+                                   use_deterministic_cuda)
 
 from helpers import count_host_reads
 
-DESIGN_METRICS = {"epoch", "train_acc", "train_loss", "val_acc", "best_val_acc", "best_epoch", "lr",
-                  "iterations", "epoch_seconds", "params_before_pruning", "params_after_pruning"}
+# Reported every epoch (docs/experiments.md, "Metrics").
+EPOCH_METRICS = {"epoch", "train_acc", "train_loss", "val_acc", "best_val_acc", "best_epoch", "lr",
+                 "iterations", "epoch_seconds", "epoch_end_time", "params_before_pruning",
+                 "params_after_pruning"}
+TIMES = ("epoch_seconds", "epoch_end_time")  # wall-clock figures: differ between runs
 
 
 def digits(method="edgepopup", **kw):
@@ -113,8 +124,7 @@ def test_iterand_changes_only_pruned_weights_and_r_zero_is_edgepopup():
     ep = [m for m in Trainer(digits("edgepopup", epochs=2, debug_max_iters=4)).fit()]
     r0 = [m for m in Trainer(digits("iterand", epochs=2, debug_max_iters=4, rerand_freq=2,
                                     rerand_lambda=0.0)).fit()]
-    strip = lambda ms: [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in ms]  # noqa: E731
-    assert strip(ep) == strip(r0)
+    assert _strip(ep) == _strip(r0)
 
 
 def test_sgd_trains_weights_with_bn_affine():
@@ -139,7 +149,8 @@ def test_metrics_every_epoch_and_test_after_the_last():
     t = Trainer(digits("iterand", epochs=2, debug_max_iters=3, rerand_freq=2))
     ms = list(t.fit())
     assert [m["epoch"] for m in ms] == [1, 2] and [m["iterations"] for m in ms] == [3, 6]
-    assert DESIGN_METRICS <= set(ms[0]) and "test_acc" not in ms[0]
+    assert EPOCH_METRICS <= set(ms[0]) and "test_acc" not in ms[0]
+    assert ms[0]["epoch_end_time"] <= ms[1]["epoch_end_time"] and "peak_gpu_reserved_mb" not in ms[0]
     assert {"test_acc", "test_loss"} <= set(ms[1])
     assert ms[1]["best_val_acc"] == max(m["val_acc"] for m in ms)
     assert ms[1]["best_epoch"] == 1 + max(range(2), key=lambda i: ms[i]["val_acc"])
@@ -162,7 +173,7 @@ def test_short_digits_run_learns(method, lr):
 
 
 def _strip(ms):
-    return [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in ms]
+    return [{k: v for k, v in m.items() if k not in TIMES} for m in ms]
 
 
 def test_resume_after_any_epoch_is_bit_exact(tmp_path):
@@ -202,3 +213,142 @@ def test_no_host_sync_per_training_step(monkeypatch):
     few, many = count_host_reads(monkeypatch, 2), count_host_reads(monkeypatch, 8)
     assert few == many
     assert few["item"] > 0  # the counter works: epoch metrics are read once
+
+
+# ----------------------------------------------------------------------------- epochs and loaders
+
+
+def test_train_loader_is_told_each_epoch_before_it_runs(tmp_path):
+    # ImageNet's loader re-seeds its sampler from (seed, epoch) in set_epoch.
+    cfg = digits(epochs=3, batch_size=16, batch_size_eval=16, debug_max_iters=1, debug_max_eval_iters=1)
+    t = Trainer(cfg)
+    calls = []
+    t.loaders.train.set_epoch = lambda e: calls.append((e, t.iteration))
+    list(t.fit())
+    assert calls == [(0, 0), (1, 1), (2, 2)]  # epoch e announced before its first iteration
+    resumed = Trainer(cfg)
+    t.epoch, t.diverged = 1, False
+    resumed.load_state_dict(copy.deepcopy(t.state_dict()))
+    calls.clear()
+    resumed.loaders.train.set_epoch = lambda e: calls.append((e, resumed.iteration))
+    resumed.train_epoch()
+    assert calls == [(1, 3)]
+
+
+# ----------------------------------------------------------------------------- devices of a checkpoint
+
+
+def _next_epoch_after_load(cfg, state):
+    """Metrics of the next epoch of a fresh trainer loading `state` (a deep copy: the optimizer
+    adopts loaded tensors), and the warnings the load gave."""
+    t = Trainer(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.load_state_dict(copy.deepcopy(state))
+    return _strip([t.train_epoch()])[0], [str(w.message) for w in caught]
+
+
+def test_checkpoints_say_on_which_device_their_data_rng_was(tmp_path):
+    # IteRand with augmentation: data order, crops, flips and re-draws all draw from RNGs.
+    cfg = digits("iterand", epochs=3, batch_size=16, batch_size_eval=16, debug_max_iters=2,
+                 rerand_freq=2, train_augmentation=True, debug_max_eval_iters=1)
+    t = Trainer(cfg)
+    t.train_epoch()
+    state = copy.deepcopy(t.state_dict())
+    assert state["rng"]["data_device"] == "cpu"
+    continued = _strip([t.train_epoch()])[0]  # the uninterrupted run's next epoch
+    # A checkpoint from before the tag still resumes bit-exactly.
+    old = copy.deepcopy(state)
+    del old["rng"]["data_device"]
+    nxt, said = _next_epoch_after_load(cfg, old)
+    assert nxt == continued and said == []
+    # From a GPU: a CUDA generator's state is 16 bytes, which a CPU generator refuses. The
+    # trial continues from a data stream seeded by (seed, epoch), says so, and every such resume
+    # draws the same.
+    gpu = copy.deepcopy(state)
+    gpu["rng"].update(data=torch.arange(16, dtype=torch.uint8), data_device="cuda")
+    torch.save(gpu, tmp_path / "gpu.pt")
+    gpu = torch.load(tmp_path / "gpu.pt", weights_only=True)
+    first, said = _next_epoch_after_load(cfg, gpu)
+    second, said_again = _next_epoch_after_load(cfg, gpu)
+    assert first == second and first["epoch"] == continued["epoch"] == 2
+    assert len(said) == 1 and "cuda" in said[0] and "(seed 1, epoch 1)" in said[0] and said == said_again
+    # Untagged and GPU-sized (an old checkpoint from a GPU): found out by the state's size.
+    del gpu["rng"]["data_device"]
+    untagged, said = _next_epoch_after_load(cfg, gpu)
+    assert untagged == first and len(said) == 1
+
+
+def test_only_as_many_cuda_states_as_visible_gpus_are_restored(monkeypatch):
+    # torch.cuda.set_rng_state_all fails with more saved states than visible GPUs.
+    cfg = digits(epochs=2, debug_max_iters=1, debug_max_eval_iters=1)
+    t = Trainer(cfg)
+    state = t.state_dict()
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.append((int(s[0]), i)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("all states"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: the data state is the CPU's
+        Trainer.load_state_dict(t, state)
+    assert restored == [(0, 0)]
+
+
+# ----------------------------------------------------------------------------- CUDA-only switches
+
+
+def test_cuda_determinism_switches(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on, warn_only: calls.append((on, warn_only)))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    use_deterministic_cuda(False)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    use_deterministic_cuda(True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's choice is kept
+    use_deterministic_cuda(True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    assert calls == [(False, True), (True, True), (True, True)]
+
+
+def test_cpu_trainer_leaves_deterministic_algorithms_alone(monkeypatch):
+    monkeypatch.setattr(training, "use_deterministic_cuda", lambda *a: pytest.fail("CUDA switches"))
+    before = torch.are_deterministic_algorithms_enabled()
+    Trainer(digits(epochs=1))
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_autocast_forward_keeps_bf16_where_a_replica_thread_says_otherwise():
+    # DataParallel's replica threads re-enter autocast without a dtype, which is float16 in a new
+    # CUDA thread. Here a thread opens float16 autocast on CPU, as such a replica would: the
+    # wrapper's own autocast must win.
+    torch.manual_seed(11)
+    cfg = TrialConfig(model="conv6x0.25", train_mode="score_only", conv_sparsity=0.5, bn_affine=False)
+    model = create_model("conv6x0.25", cfg)
+    dtypes = []
+    model.features[0].register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    wrapped = AutocastForward(model, "cpu", torch.bfloat16)
+    x = torch.randn(2, 3, 32, 32)
+
+    errors = []
+
+    def replica():
+        try:
+            with torch.autocast("cpu", dtype=torch.float16):
+                wrapped(x)
+            with torch.autocast("cpu", dtype=torch.float16):
+                model(x)  # unwrapped, the thread's dtype rules: what went wrong before
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    thread = threading.Thread(target=replica)
+    thread.start()
+    thread.join()
+    assert not errors and dtypes == [torch.bfloat16, torch.float16]
+    net = data_parallel(model, 1, torch.bfloat16)
+    assert isinstance(net, torch.nn.DataParallel) and isinstance(net.module, AutocastForward)
+    assert net.module.module is model and net.module.dtype == torch.bfloat16
+    assert net.module.device_type == "cuda"
+    assert data_parallel(model, 1, None).module is model  # fp32: nothing to re-enter
