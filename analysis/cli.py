@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Optional, Sequence
 
 import pandas as pd
 
-from iterand_tune.cli import OneLineParser, UsageError
+from iterand_tune.terminal import OneLineParser, UsageError, fmt, format_table, points_table, run_main
 
-from .results import ResultsError
+from .figures import FIGURES, save
+from .results import (ResultsError, aggregate, load_history, load_results, read_parquet, to_csv,
+                      to_parquet)
 
 TABLE_FORMATS = (".csv", ".parquet")
 FIGURE_FORMATS = (".png", ".pdf", ".svg")
@@ -66,8 +67,6 @@ def _check_output(path: Optional[str], formats: Sequence[str], what: str) -> Non
 
 def load_trials(path: str) -> pd.DataFrame:
     """One row per trial from a run's folder/URI, or from a Parquet table of trials."""
-    from .results import load_results, read_parquet
-
     if path.lower().endswith(".parquet"):
         df = read_parquet(path)
         if not {"trial_id", "status", "test_acc", "model"} <= set(df.columns):
@@ -77,34 +76,13 @@ def load_trials(path: str) -> pd.DataFrame:
     return load_results(path)
 
 
-def _fmt(value: object, spec: str = "") -> str:
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return "-"
-    return format(value, spec)
-
-
-def _points_text(points: pd.DataFrame) -> list[tuple[str, ...]]:
-    from .results import LABELS, POINT_STATS
-
-    # Columns beyond the labels and statistics are the extra point keys aggregate grouped by.
-    extra = [c for c in points.columns if c not in POINT_STATS and c not in LABELS]
-    head = ("experiment", "model", "method", "init", *extra, "seeds", "test acc %", "std",
-            "params after pruning")
-    body = [(str(p["experiment"]), str(p["model"]), _fmt(p["method"]), _fmt(p["init"]),
-             *(_fmt(p[k], "g") if isinstance(p[k], float) else _fmt(p[k]) for k in extra),
-             f"{p['test_acc_count']}/{p['trials']}", _fmt(p["test_acc_mean"], ".2f"),
-             _fmt(p["test_acc_std"], ".2f"), _fmt(p["params_after_pruning"], ","))
-            for _, p in points.iterrows()]
-    return [head, *body]
-
-
 def _trials_text(df: pd.DataFrame) -> list[tuple[str, ...]]:
     head = ("trial", "experiment", "model", "seed", "status", "epochs", "test acc %",
             "params after pruning", "error")
-    body = [(str(t["trial_id"]), str(t["experiment"]), str(t["model"]), _fmt(t["seed"]),
-             _fmt(t["status"]), f"{_fmt(t['epoch'])}/{_fmt(t['epochs'])}",
-             _fmt(t["test_acc"], ".2f"), _fmt(t["params_after_pruning"], ","),
-             _fmt(t["error"])[:60])
+    body = [(str(t["trial_id"]), str(t["experiment"]), str(t["model"]), fmt(t["seed"]),
+             fmt(t["status"]), f"{fmt(t['epoch'])}/{fmt(t['epochs'])}",
+             fmt(t["test_acc"], ".2f"), fmt(t["params_after_pruning"], ","),
+             fmt(t["error"])[:60])
             for _, t in df.iterrows()]
     return [head, *body]
 
@@ -112,9 +90,9 @@ def _trials_text(df: pd.DataFrame) -> list[tuple[str, ...]]:
 def _epochs_text(df: pd.DataFrame) -> list[tuple[str, ...]]:
     head = ("trial", "experiment", "model", "seed", "epoch", "train acc %", "val acc %",
             "test acc %", "lr")
-    body = [(str(r["trial_id"]), str(r["experiment"]), str(r["model"]), _fmt(r["seed"]),
-             _fmt(r["epoch"]), _fmt(r["train_acc"], ".2f"), _fmt(r["val_acc"], ".2f"),
-             _fmt(r["test_acc"], ".2f"), _fmt(r["lr"], ".4g"))
+    body = [(str(r["trial_id"]), str(r["experiment"]), str(r["model"]), fmt(r["seed"]),
+             fmt(r["epoch"]), fmt(r["train_acc"], ".2f"), fmt(r["val_acc"], ".2f"),
+             fmt(r["test_acc"], ".2f"), fmt(r["lr"], ".4g"))
             for _, r in df.iterrows()]
     return [head, *body]
 
@@ -125,10 +103,6 @@ def _status_line(trials: pd.DataFrame) -> str:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from iterand_tune.runner import format_table
-
-    from .results import aggregate, load_history, to_csv, to_parquet
-
     _check_output(args.output, TABLE_FORMATS, "a table")
     if args.rows == "epochs":
         if args.results.lower().endswith(".parquet"):
@@ -136,17 +110,22 @@ def _table(args: argparse.Namespace) -> int:
                              "--rows epochs")
         df = load_history(args.results)
         lines = _epochs_text(df)
+        text = format_table(lines[0], lines[1:])
         footer = [f"{len(df)} epochs of {df['trial_id'].nunique()} trials"]
     else:
         trials = load_trials(args.results)
         df = aggregate(trials) if args.rows == "points" else trials
-        lines = _points_text(df) if args.rows == "points" else _trials_text(df)
+        if args.rows == "points":
+            text = points_table(df.to_dict("records"))
+        else:
+            lines = _trials_text(df)
+            text = format_table(lines[0], lines[1:])
         footer = [_status_line(trials)]
         if args.rows == "points":
             footer += [f"not finished (left out of the means): {p['model']} "
                        f"{p['experiment']}: {p['missing']}"
                        for _, p in df.iterrows() if p["excluded"] > 0]
-    print(format_table(lines[0], lines[1:]))
+    print(text)
     print()
     print("\n".join(footer))
     if args.output:
@@ -156,8 +135,6 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def _figure(args: argparse.Namespace) -> int:
-    from .figures import FIGURES, save
-
     output = args.output or f"{args.command}.png"
     _check_output(output, FIGURE_FORMATS, "a figure")
     trials = load_trials(args.results)
@@ -167,20 +144,13 @@ def _figure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        raise UsageError("give a command: table, figure1, figure2 or figure3, then a run's "
+                         "folder, e.g. `python -m analysis figure2 ray_results/NAME`")
+    return _table(args) if args.command == "table" else _figure(args)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-        if args.command is None:
-            raise UsageError("give a command: table, figure1, figure2 or figure3, then a run's "
-                             "folder, e.g. `python -m analysis figure2 ray_results/NAME`")
-        return _table(args) if args.command == "table" else _figure(args)
-    except (UsageError, ResultsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # e.g. `table ... | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    return run_main(_command, argv, (ResultsError,))

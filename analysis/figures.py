@@ -5,6 +5,7 @@ exists and says, under the plot, what is missing.
 """
 from __future__ import annotations
 
+import io
 import os
 import textwrap
 from typing import Any, Optional, Sequence, Union
@@ -13,8 +14,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from .results import (LABELS, METHOD_ORDER, NETWORK_ORDER, POINT_STATS, PathLike, ResultsError,
-                      aggregate, finished, load_results, point_keys)
+from iterand_tune.terminal import POINT_STATS
+from iterand_tune.vocabulary import DIVERGED, METHOD_ORDER, MODEL_FAMILIES, POINT_LABELS
+
+from .results import PathLike, ResultsError, aggregate, finished, load_results, point_keys, write_bytes
 
 Results = Union[pd.DataFrame, PathLike]
 
@@ -50,7 +53,7 @@ def figure1(results: Results) -> Figure:
                                                           0.0)
     keys = [k for k in point_keys(df) if k not in ("rerand_lambda", "method", "rerand_mode")]
     points = aggregate(df, by=[*keys, "r"])
-    networks = _ordered(points["network"], NETWORK_ORDER)
+    networks = _ordered(points["network"], MODEL_FAMILIES)
     fig, axes, note = _new_figure(df, points, len(networks))
     for ax, network in zip(axes, networks):
         panel = points[points["network"] == network]
@@ -58,7 +61,7 @@ def figure1(results: Results) -> Figure:
         # r spans 0 and several decades: evenly spaced ticks read best.
         position = {r: i for i, r in enumerate(rs)}
         several_widths = panel["width"].nunique() > 1
-        extra = [k for k in keys if k not in LABELS]
+        extra = [k for k in keys if k not in POINT_LABELS]
         for line_key, line in panel.groupby(["init", "width", *extra], dropna=False, sort=True):
             init, width = line_key[0], line_key[1]
             label = f"{_init_name(init)} weights"
@@ -82,7 +85,7 @@ def figure2(results: Results) -> Figure:
     network, one line per method and weight init, a point per width, error bars over seeds."""
     df = _table(results)
     points = aggregate(df)
-    networks = _ordered(points["network"], NETWORK_ORDER)
+    networks = _ordered(points["network"], MODEL_FAMILIES)
     fig, axes, note = _new_figure(df, points, len(networks))
     for ax, network in zip(axes, networks):
         _accuracy_vs_params(ax, points[points["network"] == network], annotate=False)
@@ -111,7 +114,7 @@ FIGURES = {"figure1": figure1, "figure2": figure2, "figure3": figure3}
 # ------------------------------------------------------------------ drawing
 
 def _accuracy_vs_params(ax: Any, points: pd.DataFrame, annotate: bool) -> None:
-    extra = [k for k in points.columns if k not in LABELS and k in _point_columns(points)]
+    extra = [k for k in points.columns if k not in POINT_LABELS and k in _point_columns(points)]
     line_keys = ["method", "init", *extra]
     # Two experiments with the same labels and models in one panel would draw one zigzag line:
     # tell them apart by name.
@@ -204,8 +207,13 @@ def _missing_note(df: pd.DataFrame, points: pd.DataFrame, width_chars: int) -> O
     if left_out.empty:
         return None
     statuses = left_out["status"].fillna("no test accuracy").value_counts()
-    parts = [f"Partial run: {len(left_out)} of {len(df)} trials not finished and left out ("
+    diverged = int(statuses.get(DIVERGED, 0))  # ended early, by their own loss: not a partial run
+    parts = [("Partial run: " if diverged < len(left_out) else "")
+             + f"{len(left_out)} of {len(df)} trials not finished and left out ("
              + ", ".join(f"{n} {s}" for s, n in statuses.items()) + ")."]
+    if diverged:
+        parts.append(f"{'A diverged trial' if diverged == 1 else 'Diverged trials'} stopped when "
+                     "the training loss became inf/NaN (a lower lr may help).")
     absent = points[points["test_acc_count"] == 0]
     if not absent.empty:
         parts.append("Not drawn (no finished seed): " + "; ".join(
@@ -269,7 +277,7 @@ def _point_name(p: pd.Series) -> str:
     """e.g. "conv6x0.5 IteRand (SC)", or "conv6x1.0 KU, r=0.1" in figure 1."""
     name = f"{p['model']} " + (_method_label(p["method"], p["init"]) if "method" in p.index
                                else _init_name(p["init"]))
-    extra = [k for k in p.index if k not in LABELS and k not in POINT_STATS]
+    extra = [k for k in p.index if k not in POINT_LABELS and k not in POINT_STATS]
     return name + _extra_label(extra, [p[k] for k in extra])
 
 
@@ -301,10 +309,6 @@ def _count(x: float, _pos: Any = None) -> str:
 
 def save(fig: Figure, path: Union[str, "os.PathLike[str]"], dpi: int = 150) -> None:
     """Write `fig` as PNG, PDF or SVG (by the path's extension) to a file path or URI."""
-    import io
-
-    from .results import write_bytes
-
     fmt = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
     if fmt not in ("png", "pdf", "svg"):
         raise ResultsError(f"{os.fspath(path)}: a figure is written as .png, .pdf or .svg")

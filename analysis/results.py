@@ -7,20 +7,21 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
-import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from iterand_tune.config import FIELD_NAMES, TrialConfig, field_type
-from iterand_tune.runner import join_path, open_storage
+from iterand_tune.storage import (ERROR_FILE, EXPERIMENT_STATE, PARAMS_FILE, RESULT_FILE, TRIAL_KEY,
+                                  experiment_state,
+                                  join_path, open_storage, read_json, read_text)
+from iterand_tune.terminal import POINT_STATS
+from iterand_tune.vocabulary import DIVERGED, METRICS, POINT_LABELS, labels, point_fields, point_rows
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -32,24 +33,14 @@ class ResultsError(Exception):
 
 # ------------------------------------------------------------------ vocabulary
 
-# Figure-point labels (every row of every table carries them).
-LABELS = ("experiment", "network", "width", "model", "method", "init")
-METHOD_ORDER = ("sgd", "edgepopup", "iterand")
-INIT_ABBREVIATIONS = {"kaiming_uniform": "ku", "signed_constant": "sc"}
-NETWORK_ORDER = ("conv6", "resnet18", "resnet34", "resnet50", "resnet101")
+LABELS = POINT_LABELS            # figure-point labels: every row of every table carries them
 
 # Ray Tune's experiment-state status -> ours. A TERMINATED trial without a test accuracy was
-# stopped early (e.g. by ASHA): it did not finish its epochs.
+# stopped early (e.g. by ASHA): it did not finish its epochs; one whose last epoch says
+# `diverged` (its training loss was not finite) is `diverged`.
 STATUSES = {"TERMINATED": "finished", "RUNNING": "running", "PENDING": "pending",
             "PAUSED": "paused", "ERROR": "errored"}
 
-# DESIGN's per-epoch metrics with their dtypes; counts are nullable ints (absent before epoch 1).
-METRICS: dict[str, str] = {
-    "epoch": "Int64", "train_acc": "float64", "train_loss": "float64", "val_acc": "float64",
-    "val_loss": "float64", "best_val_acc": "float64", "best_epoch": "Int64", "lr": "float64",
-    "iterations": "Int64", "epoch_seconds": "float64", "params_before_pruning": "Int64",
-    "params_after_pruning": "Int64", "test_acc": "float64", "test_loss": "float64",
-}
 RAY_TIMES = {"time_this_iter_s": "float64", "time_total_s": "float64", "timestamp": "float64"}
 # Ray Tune's bookkeeping in result.json: not metrics.
 RAY_KEYS = frozenset({"config", "trial_id", "date", "hostname", "node_ip", "pid", "done",
@@ -59,9 +50,6 @@ RAY_KEYS = frozenset({"config", "trial_id", "date", "hostname", "node_ip", "pid"
                       "experiment_id"})
 # In load_results the config's `lr` (the base rate) keeps its name; the last epoch's rate is this.
 LAST_LR = "last_lr"
-
-# Config fields that never define a figure point (they differ between machines or are the seed).
-NOT_POINT_KEYS = frozenset({"seed", "dataset_dir", "model"})
 
 
 def config_dtype(name: str) -> str:
@@ -76,30 +64,6 @@ def config_dtype(name: str) -> str:
     if base is float:
         return "float64"
     return "string"  # str, and tuples (lr_milestones) stored as JSON text
-
-
-def parse_model(model: str) -> tuple[str, float]:
-    """`conv6x0.5` -> ("conv6", 0.5); `resnet50` -> ("resnet50", 1.0)."""
-    m = re.fullmatch(r"([A-Za-z]+\d*)(?:x(\d+(?:\.\d*)?|\.\d+))?", model or "")
-    if not m:
-        return model, float("nan")
-    return m.group(1), float(m.group(2)) if m.group(2) else 1.0
-
-
-def init_label(init_mode: Optional[str]) -> Optional[str]:
-    """`kaiming_uniform` -> ku, `signed_constant` -> sc; other modes keep their name."""
-    return INIT_ABBREVIATIONS.get(init_mode, init_mode) if init_mode else init_mode
-
-
-def method_label(config: dict[str, Any]) -> Optional[str]:
-    """sgd / edgepopup / iterand, by TrialConfig.method's own rule. It runs on the stored values
-    without building (and so re-validating) a TrialConfig: a stored run may hold a model or value
-    that today's validation, or a machine without torch, would refuse."""
-    values = {name: config.get(name, _default(name)) for name in FIELD_NAMES}
-    try:
-        return TrialConfig.method.fget(types.SimpleNamespace(**values))
-    except Exception:  # noqa: BLE001 - a malformed stored config: no label rather than no table
-        return None
 
 
 def _default(name: str) -> Any:
@@ -122,10 +86,16 @@ class _Trial:
     @property
     def status(self) -> str:
         finished = bool(self.rows) and self.rows[-1].get("test_acc") is not None
+        # A trial whose training loss was not finite reports that epoch and stops: not an error.
+        diverged = bool(self.rows) and self.rows[-1].get(DIVERGED) is True
         if self.ray_status is not None:
             status = STATUSES.get(self.ray_status, self.ray_status.lower())
+            if status == "finished" and diverged:
+                return DIVERGED
             return "stopped" if status == "finished" and not finished else status
         # No experiment state (or the trial is not in it): infer from the files.
+        if diverged:
+            return DIVERGED
         if finished:
             return "finished"
         if self.has_error_file:
@@ -144,24 +114,6 @@ def open_path(path: PathLike) -> tuple[pafs.FileSystem, str]:
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def _read_text(fs: pafs.FileSystem, path: str) -> Optional[str]:
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode("utf-8", errors="replace")
-    except (FileNotFoundError, pa.ArrowException, OSError):
-        return None
-
-
-def _read_json(fs: pafs.FileSystem, path: str) -> Optional[Any]:
-    text = _read_text(fs, path)
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:  # caught mid-write
-        return None
 
 
 def _read_result_rows(text: Optional[str]) -> list[dict[str, Any]]:
@@ -183,33 +135,6 @@ def _read_result_rows(text: Optional[str]) -> list[dict[str, Any]]:
         last.pop(row["epoch"], None)
         last[row["epoch"]] = row
     return sorted(last.values(), key=lambda r: r["epoch"])
-
-
-def _experiment_state(fs: pafs.FileSystem, names: Sequence[str], root: str) -> dict[str, dict]:
-    """trial_id -> {status, config, relative_logdir} from the newest readable experiment state."""
-    for name in sorted((n for n in names if re.fullmatch(r"experiment_state-.*\.json", n)),
-                       reverse=True):  # the names end in a sortable time stamp
-        state = _read_json(fs, join_path(root, name))
-        if not isinstance(state, dict) or not isinstance(state.get("trial_data"), list):
-            continue
-        out = {}
-        for item in state["trial_data"]:
-            try:
-                trial = json.loads(item[0]) if isinstance(item[0], str) else item[0]
-            except (json.JSONDecodeError, IndexError, TypeError):
-                continue
-            if not isinstance(trial, dict) or "trial_id" not in trial:
-                continue
-            config = trial.get("config")
-            # Configs that are not plain JSON are stored as cloudpickle: never unpickled here.
-            trial_cfg = config.get("trial") if isinstance(config, dict) else None
-            out[trial["trial_id"]] = dict(
-                status=trial.get("status"),
-                config=trial_cfg if isinstance(trial_cfg, dict) else {},
-                logdir=trial.get("relative_logdir") if isinstance(
-                    trial.get("relative_logdir"), str) else None)
-        return out
-    return {}
 
 
 def _list(fs: pafs.FileSystem, root: str, shown: str) -> list[pafs.FileInfo]:
@@ -234,21 +159,21 @@ def _read_run(path: PathLike) -> list[_Trial]:
     fs, root = open_path(path)
     entries = _list(fs, root, shown)
     names = [e.base_name for e in entries]
-    state = _experiment_state(fs, names, root)
+    state = experiment_state(fs, root, names)
     folders = [e.base_name for e in entries if e.type == pafs.FileType.Directory]
     by_logdir = {s["logdir"]: tid for tid, s in state.items() if s["logdir"]}
 
     def read(folder: str) -> Optional[_Trial]:
         base = join_path(root, folder)
-        params = _read_json(fs, join_path(base, "params.json"))
-        text = _read_text(fs, join_path(base, "result.json"))
-        error = _read_text(fs, join_path(base, "error.txt"))
+        params = read_json(fs, join_path(base, PARAMS_FILE))
+        text = read_text(fs, join_path(base, RESULT_FILE))
+        error = read_text(fs, join_path(base, ERROR_FILE))
         if params is None and text is None and error is None and folder not in by_logdir:
             return None  # not a trial's folder (e.g. Ray's driver artifacts)
         rows = _read_result_rows(text)
-        config = params.get("trial") if isinstance(params, dict) else None
+        config = params.get(TRIAL_KEY) if isinstance(params, dict) else None
         if not isinstance(config, dict):
-            config = rows[-1].get("config", {}).get("trial", {}) if rows else {}
+            config = rows[-1].get("config", {}).get(TRIAL_KEY, {}) if rows else {}
         trial_id = by_logdir.get(folder) or (rows[-1].get("trial_id") if rows else None) \
             or folder.rsplit("-", 1)[-1]
         display = shown.rstrip("/") + "/" + folder if "://" in shown else base
@@ -279,7 +204,7 @@ def _read_run(path: PathLike) -> list[_Trial]:
 
 def _looks_like_run(fs: pafs.FileSystem, folder: str) -> bool:
     try:
-        return any(re.fullmatch(r"experiment_state-.*\.json", e.base_name)
+        return any(EXPERIMENT_STATE.fullmatch(e.base_name)
                    for e in fs.get_file_info(pafs.FileSelector(folder)))
     except (pa.ArrowException, OSError):
         return False
@@ -294,10 +219,7 @@ def _last_line(text: str) -> str:
 def _labels(trial_id: str, config: dict[str, Any]) -> dict[str, Any]:
     if not config:  # a trial whose config could not be read: no labels rather than wrong ones
         return dict(trial_id=trial_id)
-    network, width = parse_model(config.get("model", ""))
-    return dict(trial_id=trial_id, experiment=config.get("experiment"), network=network,
-                width=width, model=config.get("model"), method=method_label(config),
-                init=init_label(config.get("init_mode")))
+    return dict(trial_id=trial_id, **labels(config))
 
 
 def _config_values(config: dict[str, Any]) -> dict[str, Any]:
@@ -312,7 +234,7 @@ def _config_values(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _extra_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """Scalars a trainable reported beyond DESIGN's metrics (e.g. the runner's `node_id`), kept
+    """Scalars a trainable reported beyond the standard metrics (e.g. the trainable's `node_id`), kept
     rather than dropped: name -> dtype (numbers float64, text string)."""
     seen: dict[str, str] = {}
     for row in rows:
@@ -352,7 +274,7 @@ def load_results(path: PathLike) -> pd.DataFrame:
 
     Columns: `trial_id`, the figure-point labels `experiment, network, width, model, method`
     (sgd / edgepopup / iterand) and `init` (ku / sc / other init modes by name), `status`
-    (finished / running / pending / errored / stopped), every TrialConfig field under its own
+    (finished / running / pending / errored / stopped / diverged), every TrialConfig field under its own
     name (`lr_milestones` as JSON text), the last reported epoch's metrics (`epoch`, `test_acc`,
     ..., the last epoch's learning rate as `last_lr`), Ray's `time_total_s`, `error` (the
     exception line of error.txt, when there is one) and `path` (the trial's folder).
@@ -400,13 +322,8 @@ def point_keys(results: pd.DataFrame) -> list[str]:
     keys = [c for c in LABELS if c in results.columns]
     if "experiment" not in results.columns:
         return keys
-    for name in FIELD_NAMES:
-        if name in NOT_POINT_KEYS or name not in results.columns:
-            continue
-        varies = results.groupby("experiment", dropna=False, sort=False)[name].nunique(dropna=False)
-        if (varies > 1).any():
-            keys.append(name)
-    return keys
+    fields = [n for n in FIELD_NAMES if n in results.columns]
+    return keys + point_fields(results[["experiment", *fields]].to_dict("records"), fields)
 
 
 def finished(results: pd.DataFrame) -> pd.Series:
@@ -417,55 +334,30 @@ def finished(results: pd.DataFrame) -> pd.Series:
     return ok
 
 
-# The columns aggregate adds after the point keys.
-POINT_STATS = ("trials", "excluded", "test_acc_mean", "test_acc_std", "test_acc_count",
-               "params_after_pruning", "params_before_pruning", "missing")
-
-
 def aggregate(results: pd.DataFrame, by: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """One row per figure point (`by`, default `point_keys(results)`): `trials`, `excluded`
     (trials that did not finish: not counted), `test_acc_mean`, `test_acc_std` (sample std,
     ddof = 1; NaN for one seed), `test_acc_count` (finished seeds), `params_after_pruning` and
     `params_before_pruning` (mean over the trials that report them: the same for every seed),
-    and `missing` (e.g. "seed 2 running"). Points keep the order of their first trial.
+    and `missing` (e.g. "seed 2 running"). Points keep the order of their first trial. The run's
+    own end-of-run table is built from the same rows (`iterand_tune.vocabulary.point_rows`).
     """
     keys = list(by) if by is not None else point_keys(results)
     if not keys:
         raise ResultsError("aggregate needs figure-point columns such as experiment and model")
-    df = results.copy()
-    df["_ok"] = finished(df)
-    rows = []
-    for key, group in df.groupby(keys, dropna=False, sort=False):
-        key = key if isinstance(key, tuple) else (key,)
-        acc = group.loc[group["_ok"], "test_acc"].astype("float64")
-        row = dict(zip(keys, key))
-        row.update(trials=len(group), excluded=int((~group["_ok"]).sum()),
-                   test_acc_mean=acc.mean() if len(acc) else np.nan,
-                   test_acc_std=acc.std(ddof=1) if len(acc) > 1 else np.nan,
-                   test_acc_count=len(acc))
-        for name in ("params_after_pruning", "params_before_pruning"):
-            values = group[name].dropna().astype("float64") if name in group else []
-            row[name] = round(float(np.mean(values))) if len(values) else pd.NA
-        row["missing"] = "; ".join(_missing(group[~group["_ok"]])) or pd.NA
-        rows.append(row)
+    wanted = [c for c in dict.fromkeys([*keys, "status", "seed", "trial_id", "test_acc",
+                                        "params_after_pruning", "params_before_pruning"])
+              if c in results.columns]
+    rows = point_rows(results[wanted].to_dict("records"), keys)
     out = pd.DataFrame(rows, columns=[*keys, *POINT_STATS])
     for name in keys:
         if name in results.columns:
             out[name] = out[name].astype(results[name].dtype)
+    for name in ("params_after_pruning", "params_before_pruning"):
+        out[name] = pd.array([pd.NA if v is None else v for v in out[name]], dtype="Int64")
+    out["missing"] = pd.array([pd.NA if v is None else v for v in out["missing"]], dtype="string")
     return out.astype({"trials": "int64", "excluded": "int64", "test_acc_mean": "float64",
-                       "test_acc_std": "float64", "test_acc_count": "int64",
-                       "params_after_pruning": "Int64", "params_before_pruning": "Int64",
-                       "missing": "string"})
-
-
-def _missing(group: pd.DataFrame) -> list[str]:
-    out = []
-    for _, row in group.iterrows():
-        who = f"seed {row['seed']}" if "seed" in row and pd.notna(row["seed"]) else \
-            str(row.get("trial_id", "a trial"))
-        status = row.get("status")
-        out.append(f"{who} {status if isinstance(status, str) else 'without test accuracy'}")
-    return out
+                       "test_acc_std": "float64", "test_acc_count": "int64"})
 
 
 # ------------------------------------------------------------------ Parquet

@@ -216,22 +216,6 @@ def throughput(plan: dict[str, Any], device: torch.device, budget: Any, compile_
 # ----------------------------------------------------------------------------- 3. step overhead
 
 
-def _block_ms(step: Callable[[], None], steps: int, device: torch.device) -> float:
-    """Milliseconds per call of `step` over `steps` calls (CUDA events on a GPU)."""
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return (time.perf_counter() - t0) * 1e3 / steps
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(steps):
-        step()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / steps
-
-
 def step_overhead(model: str, batch: int, repeats: int, block: int, device: torch.device,
                   warmup: int = 5) -> dict[str, Any]:
     """The edge-popup training step against the dense step of the same network, as
@@ -264,7 +248,7 @@ def step_overhead(model: str, batch: int, repeats: int, block: int, device: torc
     times: dict[str, list[float]] = {"masked": [], "dense": []}
     for i in range(repeats):  # alternate, so that drifts in clock speed hit both alike
         for name in (("masked", "dense") if i % 2 else ("dense", "masked")):
-            times[name].append(_block_ms(steps[name], block, device))
+            times[name].append(gt.timed(steps[name], block, 0, device) * 1e3 / block)
     d, m = statistics.median(times["dense"]), statistics.median(times["masked"])
     return dict(model=model, batch=batch, dense_ms=d, masked_ms=m, ratio=m / d,
                 paired=statistics.median(a / b for a, b in zip(times["masked"], times["dense"])),

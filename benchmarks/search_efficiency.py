@@ -24,7 +24,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from iterand_tune.experiments import Experiment  # noqa: E402
-from iterand_tune.search import Choice, SearchRun, points  # noqa: E402
+from iterand_tune.search import SearchRun, points  # noqa: E402
+from iterand_tune.search_space import Choice  # noqa: E402
 
 LRS = [0.03, 0.1, 0.3, 1.0]
 WEIGHT_DECAYS = [1e-5, 1e-4, 1e-3]
@@ -65,7 +66,7 @@ def run_grid(epochs: int, workers: int) -> tuple[dict, int, float]:
 
 
 def run_search(epochs: int, num_samples: int, grace: int, rf: float) -> tuple[dict, float]:
-    from iterand_tune.runner import RunOptions, run
+    from iterand_tune.tune import RunOptions, run
 
     experiment = Experiment("bench_iterand", base_config(epochs), {},
                             search={k: Choice(v) for k, v in CANDIDATES.items()})

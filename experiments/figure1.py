@@ -9,7 +9,7 @@ Hyperparameter search (`--search`): one figure point per network and r, searchin
 and K_per around the paper's values (p stays fixed: the figure studies r at the paper's p).
 """
 from iterand_tune.experiments import Experiment
-from iterand_tune.search import LogUniform, QUniform
+from iterand_tune.search_space import LogUniform, QUniform
 
 SEEDS = [1, 2, 3]
 R_VALUES = [0.0, 0.01, 0.1, 1.0]

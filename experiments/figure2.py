@@ -11,7 +11,7 @@ Hyperparameter search (`--search`): one figure point per network, width and meth
 and weight decay (all methods), p (pruning methods) and K_per and r (IteRand).
 """
 from iterand_tune.experiments import Experiment
-from iterand_tune.search import LogUniform, QUniform, Uniform
+from iterand_tune.search_space import LogUniform, QUniform, Uniform
 
 SEEDS = [1, 2, 3]
 WIDTHS = ["0.25", "0.5", "1.0", "2.0"]

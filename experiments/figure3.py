@@ -10,7 +10,7 @@ Hyperparameter search (`--search`): lr and weight decay for every trial, K_per a
 (p stays 0.7, as in the paper); one ImageNet trial costs tens of GPU-hours, so budget with care.
 """
 from iterand_tune.experiments import Experiment
-from iterand_tune.search import LogUniform, QUniform
+from iterand_tune.search_space import LogUniform, QUniform
 
 IMAGENET = dict(
     dataset="imagenet",

@@ -11,28 +11,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from typing import Any, Optional, Sequence
 
-from .config import METHODS, ConfigError, TrialConfig, parse_value
-from .experiments import Experiment, ExperimentError, check_gpus
+from .config import METHODS, ConfigError, ExperimentError, TrialConfig, parse_value
+from .data import DataError
+from .experiments import Experiment, all_trials, load, prepare, select
+from .resources import check_address, check_gpus
+from .storage import RunError, absolute, exists, is_search_run, join_path, newest_run
+from .terminal import OneLineParser, UsageError, format_table, run_main
+from .tracking import MLFLOW_DEFAULT, Tracking, check_installed, mlflow_uri, wandb_offline_runs, \
+    wandb_root, wandb_sync_command
 
+from .training import Trainer
 
-class UsageError(Exception):
-    """A user error that argparse did not catch; printed as one line, exit 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise UsageError(message)
+# Ray Tune and HyperOpt are imported only when a run or a search starts (`_tune`, `_search`):
+# `train`, --help and --dry-run work on a machine without them, such as a bare GPU box.
 
 
 def _build_train_parser() -> argparse.ArgumentParser:
     train = OneLineParser(prog="python -m iterand_tune train",
                     description="train one trial here, without Ray")
     train.add_argument("--method", choices=sorted(METHODS),
-                       help="start from the paper's option set for this method (SPEC 7)")
+                       help="start from the paper's option set for this method (docs/method.md, section 7)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a TrialConfig option, e.g. --set lr=0.1 (repeatable)")
     train.add_argument("--data-dir", help="dataset folder (same as --set dataset_dir=DIR)")
@@ -82,7 +85,7 @@ def _build_run_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run (--name, else the newest run of FILE)")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
                    help="Ray Tune progress output: 0 none, 1 status (default), 2 every result")
-    s = p.add_argument_group("hyperparameter search (README: Hyperparameter search)")
+    s = p.add_argument_group("hyperparameter search (docs/search.md)")
     s.add_argument("--search", action="store_true",
                    help="search each figure point's space (the experiments' `search`) with its own "
                         "HyperOpt TPE and ASHA, on validation accuracy, one seed; writes "
@@ -99,6 +102,14 @@ def _build_run_parser() -> argparse.ArgumentParser:
     s.add_argument("--from-search", metavar="RESULTS",
                    help="run each best configuration of a --search run (its folder or URI) with "
                         "seeds 1, 2, 3 to the end, FIFO, with test accuracy")
+    t = p.add_argument_group("experiment tracking (docs/tracking.md; TensorBoard: "
+                             "tensorboard --logdir RUN)")
+    t.add_argument("--mlflow", nargs="?", const=MLFLOW_DEFAULT, metavar="TRACKING_URI",
+                   help="log every trial to MLflow, one run per trial (default ./mlruns: a local "
+                        "store, no server; or http://HOST:5000); needs iterand_tune[mlflow]")
+    t.add_argument("--wandb", metavar="PROJECT",
+                   help="log every trial to W&B project PROJECT, grouped by experiment; offline "
+                        "under ./wandb without an API key; needs iterand_tune[wandb]")
     return p
 
 
@@ -114,8 +125,6 @@ def overrides_to_dict(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training import Trainer
-
     values = dict(METHODS[args.method]) if args.method else {}
     values.update(overrides_to_dict(args.overrides))
     if args.data_dir:
@@ -138,51 +147,35 @@ def _train(args: argparse.Namespace) -> int:
             if "test_acc" in m:
                 line += f"  test {m['test_acc']:6.2f}%"
             print(line, flush=True)
+    if trainer.diverged:
+        print(f"error: the training loss diverged ({m['train_loss']}) at epoch {m['epoch']}; "
+              f"try a lower lr than {cfg.lr:g} (--set lr=...)", file=sys.stderr)
+        return 1
     print(f"{cfg.method}: test accuracy {m['test_acc']:.2f}% with {m['params_after_pruning']:,} of "
           f"{m['params_before_pruning']:,} weights after pruning")
     return 0
 
 
-def load_experiments(args: argparse.Namespace) -> list[Experiment]:
-    """The file's chosen experiments with --set, --data-dir, --download and --smoke-test applied,
-    and data paths made absolute (trials run in their own folders, maybe on other nodes)."""
-    from .experiments import load, select
-
+def _experiments(args: argparse.Namespace) -> list[Experiment]:
+    """The file's chosen experiments as the run will see them (--set, --data-dir, --download,
+    --smoke-test applied, data folders absolute)."""
     experiments = load(args.file, args.keys)
     if args.only:
         experiments = select(experiments, args.only, args.file)
-    return adjust_experiments(experiments, args)
+    return prepare(experiments, _values(args), args.smoke_test)
 
 
-def adjust_experiments(experiments: Sequence[Experiment], args: argparse.Namespace) -> list[Experiment]:
-    """--set, --data-dir, --download and --smoke-test applied; data paths made absolute."""
-    from .experiments import smoke_test
-
+def _values(args: argparse.Namespace) -> dict[str, Any]:
+    """--set, --data-dir and --download as TrialConfig values."""
     values = overrides_to_dict(args.overrides)
     if args.data_dir:
         values["dataset_dir"] = args.data_dir
     if args.download:
         values["dataset_download"] = True
-    out = []
-    for e in experiments:
-        if values:
-            e = e.with_values(values)
-        if args.smoke_test:
-            e = smoke_test(e)
-        absolute = lambda d: os.path.abspath(os.path.expanduser(d))  # noqa: E731
-        if "dataset_dir" in e.grid:
-            e = e.replace(grid={**e.grid, "dataset_dir": [absolute(d) for d in e.grid["dataset_dir"]]})
-        else:
-            e = e.with_values({"dataset_dir": absolute(e.config.get("dataset_dir",
-                                                                   TrialConfig.dataset_dir))})
-        out.append(e)
-    return out
+    return values
 
 
 def _dry_run(experiments: Sequence[Experiment], as_json: bool) -> int:
-    from .experiments import all_trials
-    from .runner import format_table
-
     trials = all_trials(experiments)
     if as_json:
         for t in trials:
@@ -203,13 +196,7 @@ def _dry_run(experiments: Sequence[Experiment], as_json: bool) -> int:
     return 0
 
 
-def _storage_path(text: str) -> str:
-    return text if "://" in text else os.path.abspath(os.path.expanduser(text))
-
-
 def _run_name(args: argparse.Namespace, storage: str) -> str:
-    from .runner import RunError
-
     stem = os.path.splitext(os.path.basename(args.file))[0]
     kind = "search-" if args.search else "reproduce-" if args.from_search else ""
     if args.name:
@@ -218,112 +205,154 @@ def _run_name(args: argparse.Namespace, storage: str) -> str:
         return args.name
     if not args.resume:
         return f"{stem}-{kind}{time.strftime('%Y%m%d-%H%M%S')}"
-    prefix = f"{stem}-{kind}"  # FILE-[search-|reproduce-]YYYYmmdd-HHMMSS
-    runs = sorted(n for n in _list_dir(storage) if n.startswith(prefix) and n[len(prefix):][:1].isdigit())
-    if not runs:
+    newest = newest_run(storage, f"{stem}-{kind}")  # FILE-[search-|reproduce-]YYYYmmdd-HHMMSS
+    if newest is None:
         raise RunError(f"--resume: no earlier run of {stem} under {storage}; pass --name NAME "
                        "of the run to resume")
-    return runs[-1]  # names end in a sortable time stamp
-
-
-def _list_dir(storage: str, files: bool = False) -> list[str]:
-    """Names of the folders (or, with `files`, the files) directly under `storage`."""
-    import pyarrow.fs
-
-    from .runner import open_storage
-
-    fs, path = open_storage(storage)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-    kind = pyarrow.fs.FileType.File if files else pyarrow.fs.FileType.Directory
-    return [i.base_name for i in infos if i.type == kind]
-
-
-def _exists(path: str) -> bool:
-    import pyarrow.fs
-
-    from .runner import open_storage
-
-    fs, p = open_storage(path)
-    return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
+    return newest
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runner import RunOptions, check_address, run
+    _check_run_flags(args)
+    tracking = _tracking(args)
+    try:
+        gpus = check_gpus(args.gpus_per_trial, "--gpus-per-trial")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    experiments = _from_search(args) if args.from_search else _experiments(args)
+    if args.search:
+        pts = _search_points(experiments, args)
+        num_samples = args.num_samples or _search().DEFAULT_NUM_SAMPLES
+        if args.dry_run:
+            return _dry_run_search(pts, num_samples, args.grace_period)
+    if args.dry_run:
+        return _dry_run(experiments, args.json)
 
+    storage = absolute(args.storage_path)
+    name = _run_name(args, storage)
+    path = join_path(storage, name)
+    if not args.resume and exists(path):
+        raise UsageError(f"{path} already holds a run: add --resume to continue it, "
+                         "or choose another --name")
+    if args.resume and exists(path) and is_search_run(path) != bool(args.search):
+        how = ("a --search run: resume it with --search --resume" if is_search_run(path)
+               else "not a search run: resume it without --search")
+        raise UsageError(f"{path} is {how}")
+    check_address(args.address)  # a dead cluster is one line, before anything else is said
+    tune = _tune()
+    opts = tune.RunOptions(storage_path=storage, name=name, address=args.address,
+                           gpus_per_trial=gpus, cpus_per_trial=args.cpus_per_trial,
+                           max_concurrent=args.max_concurrent, max_failures=args.max_failures,
+                           resume=args.resume, verbose=args.verbose, reuse_actors=args.reuse_actors,
+                           tracking=tracking)
+    if args.search:
+        return _run_search(pts, num_samples, args, opts)
+    n = sum(len(e) for e in experiments)
+    print(f"{'resuming' if args.resume else 'starting'} {name}: {n} trials of "
+          f"{len(experiments)} experiment(s); results in {opts.path}", flush=True)
+    summary = tune.run(experiments, opts)
+    if summary.interrupted:
+        return _interrupted(summary, args, name)
+    print()
+    print(summary.table())
+    for note in dict.fromkeys(e.note for e in experiments if e.note):
+        print(f"\nnote: {note}")
+    print(f"\nresults: {summary.path}  ({summary.seconds:.0f} s)")
+    print(f"tables and figures: python -m analysis table {summary.path}; "
+          f"python -m analysis figure2 {summary.path} -o figure2.png")
+    _tracking_notes(summary.path)
+    code = 0
+    if summary.diverged:
+        print(f"error: {len(summary.diverged)} trial(s) diverged, their training loss not finite "
+              f"({_some(summary.diverged)}); they stopped there: try a lower lr", file=sys.stderr)
+        code = 1
+    failed = summary.errored + summary.unfinished
+    if failed:
+        advice = f"see their error.txt under {summary.path}, then " if summary.errored else ""
+        print(f"error: {len(failed)} trial(s) did not finish ({_some(failed)}); {advice}"
+              f"continue with: {_resume_command(args, name)}", file=sys.stderr)
+        code = 1
+    return code
+
+
+def _some(names: Sequence[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def _resume_command(args: argparse.Namespace, name: str) -> str:
+    """The command that continues this run: its file, keys and experiments, storage and cluster."""
+    words = ["python", "-m", "iterand_tune", args.file, *args.keys, "--resume", "--name", name]
+    if args.search:
+        words.append("--search")
+    if args.from_search:
+        words += ["--from-search", args.from_search]
+    if args.storage_path != _build_run_parser().get_default("storage_path"):
+        words += ["--storage-path", absolute(args.storage_path)]
+    if args.address:
+        words += ["--address", args.address]
+    if args.only:
+        words += ["--only", *args.only]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _interrupted(summary: Any, args: argparse.Namespace, name: str) -> int:
+    """Ctrl-C or SIGTERM: what finished, and how to go on. Exit code 130."""
+    i = summary.interrupted
+    print(f"\ninterrupted: {i.finished} of {i.total} trials finished", flush=True)
+    print()
+    print(summary.table())
+    print(f"\nresults so far: {summary.path}  ({summary.seconds:.0f} s)")
+    print(f"continue with: {_resume_command(args, name)}", flush=True)
+    return 130
+
+
+def _tracking(args: argparse.Namespace) -> Tracking:
+    """--mlflow and --wandb, checked before anything starts: their packages are optional."""
+    flags = [f for f, v in (("--mlflow", args.mlflow), ("--wandb", args.wandb)) if v is not None]
+    if flags and args.resume:
+        raise UsageError(f"--resume continues a run with the tracking it began with (Ray Tune "
+                         f"restores its callbacks): drop {' and '.join(flags)}")
+    check_installed(flags)
+    if args.wandb is not None and not args.wandb.strip():
+        raise UsageError("--wandb needs a project name")
+    return Tracking(mlflow=mlflow_uri(args.mlflow) if args.mlflow is not None else None,
+                    wandb=args.wandb, wandb_dir=wandb_root() if args.wandb else None)
+
+
+def _tracking_notes(run_path: str) -> None:
+    """After a run: the command that uploads its offline W&B runs, if it left any."""
+    offline = wandb_offline_runs(run_path)
+    if offline:
+        print(f"W&B runs saved offline (no API key): upload them with: "
+              f"{wandb_sync_command(offline)}")
+
+
+def _tune() -> Any:
+    from . import tune  # Ray: optional for `train`, --help and --dry-run (a GPU box may lack it)
+    return tune
+
+
+def _search() -> Any:
+    from . import search  # Ray and HyperOpt: only a search needs them
+    return search
+
+
+def _check_run_flags(args: argparse.Namespace) -> None:
     if args.json and not args.dry_run:
         raise UsageError("--json goes with --dry-run")
     if args.resume and (args.overrides or args.smoke_test or args.data_dir or args.download):
         raise UsageError("--resume continues a run with the trials it has; drop --set, "
                          "--smoke-test, --data-dir and --download")
-    for flag, value in (("--max-concurrent", args.max_concurrent), ("--max-failures", args.max_failures)):
-        if value is not None and value < (1 if flag == "--max-concurrent" else 0):
-            raise UsageError(f"{flag} {value} must be >= {1 if flag == '--max-concurrent' else 0}")
-    if args.cpus_per_trial is not None and not args.cpus_per_trial > 0:
-        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g} must be > 0")
-    try:
-        gpus = check_gpus(args.gpus_per_trial, "--gpus-per-trial")
-    except ExperimentError as err:
-        raise UsageError(str(err)) from None
-    _check_search_flags(args)
-    search = None
-    if args.from_search:
-        experiments = _from_search(args)
-    else:
-        experiments = load_experiments(args)
-    if args.search:
-        search = _search_points(experiments, args)
-        if args.dry_run:
-            return _dry_run_search(search, args)
-    if args.dry_run:
-        return _dry_run(experiments, args.json)
-
-    storage = _storage_path(args.storage_path)
-    name = _run_name(args, storage)
-    opts = RunOptions(storage_path=storage, name=name, address=args.address, gpus_per_trial=gpus,
-                      cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent,
-                      max_failures=args.max_failures, resume=args.resume, verbose=args.verbose,
-                      reuse_actors=args.reuse_actors)
-    if not args.resume and _exists(opts.path):
-        raise UsageError(f"{opts.path} already holds a run: add --resume to continue it, "
-                         "or choose another --name")
-    if args.resume and _exists(opts.path):
-        searched = any(n.startswith("search_gen_state-") for n in _list_dir(opts.path, files=True))
-        if searched != bool(args.search):
-            how = ("a --search run: resume it with --search --resume" if searched
-                   else "not a search run: resume it without --search")
-            raise UsageError(f"{opts.path} is {how}")
-    check_address(args.address)  # a dead cluster is one line, before anything else is said
-    if search is not None:
-        return _run_search(search, args, opts)
-    n = sum(len(e) for e in experiments)
-    print(f"{'resuming' if args.resume else 'starting'} {name}: {n} trials of "
-          f"{len(experiments)} experiment(s); results in {opts.path}", flush=True)
-    summary = run(experiments, opts)
-    print()
-    print(summary.table())
-    print(f"\nresults: {summary.path}  ({summary.seconds:.0f} s)")
-    print(f"tables and figures: python -m analysis table {summary.path}; "
-          f"python -m analysis figure2 {summary.path} -o figure2.png")
-    if not summary.ok:
-        failed = len(summary.errored) + len(summary.unfinished)
-        names = (summary.errored + summary.unfinished)[:3]
-        print(f"error: {failed} trial(s) did not finish ({', '.join(names)}"
-              f"{', ...' if failed > 3 else ''}); see their error.txt under {summary.path}, then "
-              f"continue with: python -m iterand_tune {args.file} --resume --name {name}",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
-# ------------------------------------------------------------------ hyperparameter search
-
-def _check_search_flags(args: argparse.Namespace) -> None:
-    if args.search and args.from_search:
-        raise UsageError("--search and --from-search are two steps: search first, then reproduce")
-    for flag, value, low in (("--num-samples", args.num_samples, 1),
+    for flag, value, low in (("--max-concurrent", args.max_concurrent, 1),
+                             ("--max-failures", args.max_failures, 0),
+                             ("--num-samples", args.num_samples, 1),
                              ("--grace-period", args.grace_period, 1)):
         if value is not None and value < low:
             raise UsageError(f"{flag} {value} must be >= {low}")
+    if args.cpus_per_trial is not None and not args.cpus_per_trial > 0:
+        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g} must be > 0")
+    if args.search and args.from_search:
+        raise UsageError("--search and --from-search are two steps: search first, then reproduce")
     if args.reduction_factor is not None and not args.reduction_factor > 1:
         raise UsageError(f"--reduction-factor {args.reduction_factor:g} must be > 1")
     if not args.search:
@@ -334,11 +363,11 @@ def _check_search_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"{', '.join(used)} go(es) with --search")
 
 
-def _search_points(experiments: Sequence[Experiment], args: argparse.Namespace) -> Any:
-    """The SearchRun of the experiments that have a search space (built lazily: no Ray yet)."""
-    from .search import DEFAULT_NUM_SAMPLES, points
+# ------------------------------------------------------------------ hyperparameter search
 
-    pts = points(experiments)
+def _search_points(experiments: Sequence[Experiment], args: argparse.Namespace) -> list[Any]:
+    """The figure points of the experiments that have a search space."""
+    pts = _search().points(experiments)
     if not pts:
         raise UsageError(f"{args.file} defines no search space for "
                          f"{'these experiments' if args.only or args.keys else 'its experiments'}: "
@@ -346,59 +375,52 @@ def _search_points(experiments: Sequence[Experiment], args: argparse.Namespace) 
     skipped = [e.name for e in experiments if not e.search]
     if skipped:
         print(f"not searched (no search space): {', '.join(skipped)}", flush=True)
-    args._points = pts
-    args._num_samples = args.num_samples or DEFAULT_NUM_SAMPLES
     return pts
 
 
-def _dry_run_search(pts: Sequence[Any], args: argparse.Namespace) -> int:
-    from .runner import format_table
-    from .search import default_grace_period
-
+def _dry_run_search(pts: Sequence[Any], num_samples: int, grace_period: Optional[int]) -> int:
     rows = []
     for p in pts:
         cfg = TrialConfig.from_dict(p.experiment.config)
-        grace = min(args.grace_period or default_grace_period(p.epochs), p.epochs)
+        grace = min(grace_period or _search().default_grace_period(p.epochs), p.epochs)
         rows.append((p.name, cfg.method, str(p.epochs), str(grace), str(cfg.seed),
                      "; ".join(f"{k}: {d.describe()}" for k, d in p.space.items())))
     print(format_table(("point", "method", "epochs", "grace", "seed", "search space"), rows))
-    print(f"{len(pts)} figure points x {args._num_samples} trials = {len(pts) * args._num_samples} "
+    print(f"{len(pts)} figure points x {num_samples} trials = {len(pts) * num_samples} "
           "trials, each point with its own TPE and ASHA; nothing started (--dry-run)")
     return 0
 
 
-def _run_search(pts: Sequence[Any], args: argparse.Namespace, opts: Any) -> int:
-    from .runner import run
-    from .search import DEFAULT_REDUCTION_FACTOR, SearchRun, write_best_configs
-
-    search = SearchRun(pts, args._num_samples, args.grace_period,
-                       args.reduction_factor or DEFAULT_REDUCTION_FACTOR, args.search_seed or 0,
-                       build=not args.resume)
+def _run_search(pts: Sequence[Any], num_samples: int, args: argparse.Namespace, opts: Any) -> int:
+    search = _search()
+    run = search.SearchRun(pts, num_samples, args.grace_period,
+                           args.reduction_factor or search.DEFAULT_REDUCTION_FACTOR,
+                           args.search_seed or 0, build=not args.resume)
     print(f"{'resuming' if args.resume else 'starting'} {opts.name}: search of {len(pts)} figure "
-          f"point(s), {args._num_samples} trials each; results in {opts.path}", flush=True)
-    summary = run(search.experiments, opts, search=search)
+          f"point(s), {num_samples} trials each; results in {opts.path}", flush=True)
+    summary = _tune().run(run.experiments, opts, search=run)
+    if summary.interrupted:
+        return _interrupted(summary, args, opts.name)
     print()
     print(summary.table())
-    written = write_best_configs(summary.rows, summary.path) if summary.rows else []
+    written = search.write_best_configs(summary.rows, summary.path) if summary.rows else []
     print(f"\nresults: {summary.path}  ({summary.seconds:.0f} s)")
+    _tracking_notes(summary.path)
     if written:
         print(f"best configurations: {written[0]} (and .json); reproduce them with: "
               f"python -m iterand_tune {args.file} --from-search {summary.path}")
     if not summary.ok:
         print(f"error: {len(summary.missing)} figure point(s) have no result "
               f"({', '.join(summary.missing[:3])}); see error.txt under {summary.path}, then "
-              f"continue with: python -m iterand_tune {args.file} --search --resume --name {opts.name}",
-              file=sys.stderr)
+              f"continue with: {_resume_command(args, opts.name)}", file=sys.stderr)
         return 1
     return 0
 
 
 def _from_search(args: argparse.Namespace) -> list[Experiment]:
     """The best configurations of a search run, as experiments of seeds 1-3 (FIFO)."""
-    from .experiments import load
-    from .search import read_best_configs, reproduction
-
-    rows = read_best_configs(_storage_path(args.from_search))
+    search = _search()
+    rows = search.read_best_configs(absolute(args.from_search))
     names = {e.name for e in load(args.file, args.keys)}
     if args.only:
         names &= set(args.only)
@@ -407,27 +429,20 @@ def _from_search(args: argparse.Namespace) -> list[Experiment]:
         raise UsageError(f"{args.from_search} has no best configuration of "
                          f"{', '.join(sorted(names))}; it has: "
                          f"{', '.join(sorted({r['experiment'] for r in rows}))}")
-    return adjust_experiments(reproduction(picked), args)
+    return prepare(search.reproduction(picked), _values(args), args.smoke_test)
+
+
+USER_ERRORS = (ConfigError, DataError, ExperimentError, RunError)
+
+
+def _command(argv: list[str]) -> int:
+    if not argv:
+        raise UsageError("give an experiment file, e.g. `python -m iterand_tune "
+                         "experiments/quickstart.py`, or the command `train` for one trial")
+    if argv[0] == "train":
+        return _train(_build_train_parser().parse_args(argv[1:]))
+    return _run(_build_run_parser().parse_args(argv))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .data import DataError
-    from .runner import RunError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if not argv:
-            raise UsageError("give an experiment file, e.g. `python -m iterand_tune "
-                             "experiments/quickstart.py`, or the command `train` for one trial")
-        if argv[0] == "train":
-            return _train(_build_train_parser().parse_args(argv[1:]))
-        return _run(_build_run_parser().parse_args(argv))
-    except (UsageError, ConfigError, DataError, ExperimentError, RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # e.g. `--dry-run --json | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit flush
-        return 0
+    return run_main(_command, argv, USER_ERRORS)

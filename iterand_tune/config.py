@@ -1,4 +1,4 @@
-"""TrialConfig: every knob of one training trial (SPEC.md), as one frozen, validated dataclass.
+"""TrialConfig: every knob of one training trial (docs/method.md), as one frozen, validated dataclass.
 
 Field names are the original project's option names, except `model` (was
 `model.config_name`), `dataset` (was `dataset.config_name`) and `epochs` (was `epoch`).
@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
+from .vocabulary import DATASET_NAMES, method_of, model_names, parse_model
+
 INIT_MODES = ("kaiming_uniform", "kaiming_normal", "uniform(-1,1)", "signed_constant")
 TRAIN_MODES = ("normal", "score_only")
 OPTIMIZERS = ("SGD", "AdamW")
@@ -19,16 +21,20 @@ LR_SCHEDULERS = ("CustomCosineLR", "MultiStepLR")
 RERAND_MODES = ("bernoulli", "manual")
 RERAND_FREQ_UNITS = ("iteration", "epoch")
 AUTOCAST_DTYPES = ("bf16",)
-DATASETS = ("cifar10", "cifar100", "mnist", "digits", "imagenet", "synthetic_cifar10")
 
 
 class ConfigError(ValueError):
     """An impossible option value; the message names the field and what is allowed."""
 
 
+class ExperimentError(Exception):
+    """A malformed experiment file, search space or selection; printed by the CLI as one line,
+    exit 2. (Defined here, beside ConfigError, so that every layer can raise it.)"""
+
+
 @dataclass(frozen=True)
 class TrialConfig:
-    """One trial. Defaults are the paper's CIFAR-10 settings (SPEC.md sections 5-6)."""
+    """One trial. Defaults are the paper's CIFAR-10 settings (docs/method.md: data, schedule)."""
 
     # -- what to train ---------------------------------------------------------------
     model: str = "conv6x1.0"            # registry name, e.g. conv6x0.5, resnet18x2.0, resnet50
@@ -81,12 +87,12 @@ class TrialConfig:
 
     # -- runtime -----------------------------------------------------------------------
     use_cuda: bool = True               # train on the trial's GPU when there is one
-    deterministic: bool = True          # cuDNN deterministic algorithms (SPEC 6)
+    deterministic: bool = True          # cuDNN deterministic algorithms (docs/method.md)
     debug_max_iters: Optional[int] = None  # cap iterations per epoch (smoke tests)
     debug_max_eval_iters: Optional[int] = None  # cap batches of each evaluation (smoke tests)
     # Hyperparameter search trials set this False: the test set must not inform any choice.
     evaluate_test: bool = True          # test accuracy after the last epoch
-    # Speed options (README "GPU speed"); the defaults are faithful fp32 eager training.
+    # Speed options (docs/gpu.md); the defaults are faithful fp32 eager training.
     channels_last: bool = False         # NHWC model and inputs (tensor-core convs); same maths
     autocast: Optional[str] = None      # None: fp32 | "bf16": bfloat16 autocast of forward + loss
     compile: bool = False               # torch.compile the forward network (a compile per shape)
@@ -100,11 +106,7 @@ class TrialConfig:
     @property
     def method(self) -> str:
         """Figure label: sgd, edgepopup (no effective re-randomisation) or iterand."""
-        if self.train_mode == "normal":
-            return "sgd"
-        if self.rerand_mode is None or (self.rerand_mode == "bernoulli" and not self.rerand_lambda):
-            return "edgepopup"
-        return "iterand"
+        return method_of(self.train_mode, self.rerand_mode, self.rerand_lambda)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -133,7 +135,7 @@ def _require_option(name: str) -> None:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown TrialConfig option '{name}'{hint}")
 
-# The paper's three methods (SPEC 7) as option sets; an experiment adds model, lr, p, ...
+# The paper's three methods as option sets; an experiment adds model, lr, p, ...
 METHODS: dict[str, dict[str, Any]] = {
     "sgd": dict(train_mode="normal", bn_affine=True, conv_sparsity=0.0, rerand_mode=None),
     "edgepopup": dict(train_mode="score_only", bn_affine=False, conv_sparsity=0.5, rerand_mode=None),
@@ -228,15 +230,13 @@ def _choice(cfg: TrialConfig, name: str, choices: tuple, optional: bool = False)
 
 
 def _validate(cfg: TrialConfig) -> None:
-    from .models import is_known_model, model_names  # late: models imports this module's types
-
-    if not is_known_model(cfg.model):
+    if parse_model(cfg.model) is None:
         close = difflib.get_close_matches(cfg.model, model_names(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         _check(False, "model", cfg.model,
                f"unknown model{hint}; known: conv6xF, resnet18xF, resnet34xF, resnet50, resnet101 "
                "(F = width factor > 0)")
-    _choice(cfg, "dataset", DATASETS)
+    _choice(cfg, "dataset", DATASET_NAMES)
     _check(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
     if cfg.max_train_dataset_size is not None:
         _check(cfg.max_train_dataset_size >= 1, "max_train_dataset_size",

@@ -14,30 +14,15 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from .config import FIELD_NAMES, ConfigError, TrialConfig
+import yaml
 
+from .config import FIELD_NAMES, ConfigError, ExperimentError, TrialConfig
+from .resources import check_gpus
+from .search_space import check_space
+from .storage import absolute
 
-class ExperimentError(Exception):
-    """A malformed experiment file or selection; printed by the CLI as one line, exit 2."""
-
-
-def check_gpus(value: Optional[float], what: str) -> Optional[float]:
-    """GPUs per trial must be a whole number or 1/k: fractions that pack a GPU exactly."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0:
-        raise ExperimentError(f"{what} = {value!r}: needs a number >= 0")
-    value = float(value)
-    if value >= 1 or value == 0:
-        if value != int(value):
-            raise ExperimentError(f"{what} = {value:g}: above 1 it must be a whole number of GPUs")
-        return value
-    k = round(1 / value)
-    if abs(1 / k - value) > 1e-9:
-        raise ExperimentError(f"{what} = {value:g}: a GPU share must be 1/k (0.5, 0.25, 0.125, ...) "
-                              "so that k trials fill a GPU exactly")
-    return 1 / k
+__all__ = ["Experiment", "ExperimentError", "select", "smoke_test", "prepare", "all_trials", "load",
+           "load_python", "load_yaml", "SMOKE_TEST"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +33,13 @@ class Experiment:
     name: str
     config: Mapping[str, Any] = field(default_factory=dict)
     grid: Mapping[str, Sequence[Any]] = field(default_factory=dict)
-    gpus_per_trial: Optional[float] = None   # None: chosen from the model's size (runner.gpu_share)
+    gpus_per_trial: Optional[float] = None   # None: chosen from the model's size (resources.gpu_share)
     cpus_per_trial: Optional[float] = None   # None: 1 (ImageNet: 1 + num_workers)
-    # --search: option -> iterand_tune.search domain (LogUniform, Uniform, QUniform, Choice);
+    # --search: option -> iterand_tune.search_space domain (LogUniform, Uniform, QUniform, Choice);
     # searched for every figure point (grid combination but the seed) with its own TPE + ASHA.
     search: Mapping[str, Any] = field(default_factory=dict)
+    # Printed under the run's table: what its numbers do and do not show (see quickstart.py).
+    note: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or any(c.isspace() for c in self.name):
@@ -69,12 +56,15 @@ class Experiment:
         object.__setattr__(self, "grid", grid)
         search = dict(self.search or {})
         if search:
-            from .search import check_space
-
             check_space(self.name, config, grid, search)
         object.__setattr__(self, "search", search)
-        object.__setattr__(self, "gpus_per_trial",
-                           check_gpus(self.gpus_per_trial, f"{self.name}: gpus_per_trial"))
+        try:
+            gpus = check_gpus(self.gpus_per_trial, f"{self.name}: gpus_per_trial")
+        except ValueError as err:
+            raise ExperimentError(str(err)) from None
+        object.__setattr__(self, "gpus_per_trial", gpus)
+        if self.note is not None and not isinstance(self.note, str):
+            raise ExperimentError(f"{self.name}: note must be text, got {self.note!r}")
         if self.cpus_per_trial is not None and not (
                 isinstance(self.cpus_per_trial, (int, float)) and self.cpus_per_trial > 0):
             raise ExperimentError(f"{self.name}: cpus_per_trial = {self.cpus_per_trial!r}: "
@@ -152,6 +142,25 @@ def all_trials(experiments: Sequence[Experiment]) -> list[dict[str, Any]]:
     return [t for e in experiments for t in e.trials()]
 
 
+def prepare(experiments: Sequence[Experiment], values: Mapping[str, Any] = {},
+            smoke: bool = False) -> list[Experiment]:
+    """The experiments as a run will see them: `values` (--set, --data-dir, --download) fixed in
+    every trial, --smoke-test applied, and data folders made absolute (trials run in their own
+    folders, maybe on other nodes)."""
+    out = []
+    for e in experiments:
+        if values:
+            e = e.with_values(values)
+        if smoke:
+            e = smoke_test(e)
+        if "dataset_dir" in e.grid:
+            e = e.replace(grid={**e.grid, "dataset_dir": [absolute(d) for d in e.grid["dataset_dir"]]})
+        else:
+            e = e.with_values({"dataset_dir": absolute(e.config.get("dataset_dir", TrialConfig.dataset_dir))})
+        out.append(e)
+    return out
+
+
 # ------------------------------------------------------------------ loading files
 
 def load(path: str, keys: Sequence[str] = ()) -> list[Experiment]:
@@ -223,8 +232,6 @@ YAML_IGNORED = frozenset({"output_dir", "sync_dir", "checkpoint_epochs", "seed_b
 
 def load_yaml(path: str, keys: Sequence[str]) -> list[Experiment]:
     """Experiments named `keys` from an original-format YAML config."""
-    import yaml
-
     try:
         with open(path) as f:
             doc = yaml.safe_load(f)  # SafeLoader resolves anchors and `<<` merge keys

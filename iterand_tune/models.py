@@ -1,9 +1,8 @@
-"""The paper's networks (SPEC.md 4): Conv6 and ResNet18/34/50/101 at any width, built from
+"""The paper's networks (docs/method.md, networks): Conv6 and ResNet18/34/50/101 at any width, built from
 supermask layers, a name registry (`create_model`) and parameter counting.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .supermask import SparseConv2d, SparseLinear, SparseMixin
+from .vocabulary import MODEL_FAMILIES, model_names, parse_model
 
 if TYPE_CHECKING:
     from .config import TrialConfig
@@ -173,12 +173,15 @@ class ResNet(nn.Module):
 # ----------------------------------------------------------------------------- registry
 
 _FAMILIES: dict[str, Callable[..., nn.Module]] = {}
-_REGISTRY: dict[str, tuple[str, float]] = {}  # name -> (family, width)
-PAPER_WIDTHS = (0.25, 0.5, 1.0, 2.0)
 
 
 def register_model(family: str) -> Callable:
-    """Register a network family; `create_model('<family>x<width>')` then builds it at that width."""
+    """Register a network family; `create_model('<family>x<width>')` then builds it at that width.
+    The family must be named in `vocabulary.MODEL_FAMILIES`, which config validation reads
+    without importing torch."""
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"add {family!r} to iterand_tune.vocabulary.MODEL_FAMILIES first")
+
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _FAMILIES[family] = fn
         return fn
@@ -210,38 +213,19 @@ def resnet101(width: float, num_classes: int, layers: Layers, image_size: int) -
     return ResNet(Bottleneck, [3, 4, 23, 3], width, num_classes, layers, image_size)
 
 
-for _family in _FAMILIES:
-    _REGISTRY[_family] = (_family, 1.0)
-for _family in ("conv6", "resnet18", "resnet34"):
-    for _w in PAPER_WIDTHS:
-        _REGISTRY[f"{_family}x{_w}"] = (_family, _w)
-
-_NAME = re.compile(r"^([a-z]+[0-9]*)(?:x([0-9]*\.?[0-9]+))?$")
-
-
-def _parse(name: str) -> Optional[tuple[str, float]]:
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    m = _NAME.match(name)  # any other width of a known family, e.g. conv6x0.75
-    if m and m.group(1) in _FAMILIES and m.group(2) is not None and float(m.group(2)) > 0:
-        return m.group(1), float(m.group(2))
-    return None
-
-
-def model_names() -> list[str]:
-    """The names the paper's experiments use (other widths `<family>x<w>` are accepted too)."""
-    return sorted(_REGISTRY)
-
-
 def is_known_model(name: str) -> bool:
-    return _parse(name) is not None
+    return parse_model(name) is not None
+
+
+__all__ = ["Layers", "Conv6", "ResNet", "BasicBlock", "Bottleneck", "register_model", "create_model",
+           "count_parameters", "estimate_macs", "is_known_model", "model_names"]
 
 
 def create_model(name: str, config: Optional["TrialConfig"] = None, num_classes: int = 10,
                  image_size: int = 32, layers: Optional[Layers] = None) -> nn.Module:
     """Build a registered network; layer settings (sparsity, init, BN) come from `config`,
     or from an explicit `layers` factory (e.g. one that builds plain torch layers)."""
-    parsed = _parse(name)
+    parsed = parse_model(name)
     if parsed is None:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
     family, width = parsed

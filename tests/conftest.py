@@ -1,7 +1,25 @@
-"""Shared fixtures: one local Ray cluster for the whole session (2 CPUs, one logical GPU)."""
+"""Shared fixtures: one local Ray instance for the whole session (2 CPUs, one logical GPU), one
+small real run on digits that several test modules read, and a guard that no run starts.
+
+Tests that use `ray_cluster` (directly or through `digits_run`) get the `ray` marker here."""
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+from types import SimpleNamespace
+
 import pytest
+
+from helpers import ITERAND, trial_dirs, write_digits
+
+RAY_FIXTURES = ("ray_cluster", "digits_run")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(name in item.fixturenames for name in RAY_FIXTURES):
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +33,57 @@ def ray_cluster():
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+# The shared run: two methods (edge-popup with KU weights, IteRand with SC weights) x two
+# widths x two seeds on digits, 0.25 GPU + 0.5 CPU per trial, so that four trials run at once
+# on the session's 2 CPUs and one logical GPU, in two waves of four. Narrow networks and short
+# epochs: the tests check the mechanics, not what is learnt.
+DIGITS_RUN = SimpleNamespace(
+    models=("conv6x0.125", "conv6x0.25"), seeds=(1, 2), epochs=2,
+    experiments={"tiny_ku_edgepopup": dict(init_mode="kaiming_uniform"),
+                 "tiny_sc_iterand": dict(ITERAND, init_mode="signed_constant", rerand_freq=2)},
+    values=dict(debug_max_iters=8))
+
+
+@pytest.fixture(scope="session")
+def digits_run(ray_cluster, tmp_path_factory):
+    """One small real run through the CLI in this process (`python -m iterand_tune FILE
+    --storage-path results --name packing --cpus-per-trial 0.5`, the storage path relative to
+    the run's folder), shared by the tests that only read a finished run: quarter-GPU
+    packing, the end-of-run summary, the analysis tables and figures, the notebook. Yields the
+    run's `path`, what the CLI printed (`out`), its exit code (`rc`), the experiment file
+    (`file`), the folder it ran in (`cwd`) and the DIGITS_RUN settings."""
+    from iterand_tune.cli import main
+
+    folder = tmp_path_factory.mktemp("digits_run")
+    exp = write_digits(str(folder), DIGITS_RUN.experiments,
+                       grid=dict(model=list(DIGITS_RUN.models), seed=list(DIGITS_RUN.seeds)),
+                       epochs=DIGITS_RUN.epochs, **DIGITS_RUN.values)
+    out, here = io.StringIO(), os.getcwd()
+    os.chdir(folder)  # the relative --storage-path is made absolute against this
+    try:
+        with contextlib.redirect_stdout(out):
+            rc = main([exp, "--storage-path", "results", "--name", "packing",
+                       "--cpus-per-trial", "0.5"])
+    finally:
+        os.chdir(here)
+    run = SimpleNamespace(path=str(folder / "results" / "packing"), out=out.getvalue(), rc=rc,
+                          file=exp, cwd=str(folder), **vars(DIGITS_RUN))
+    run.trials = len(run.experiments) * len(run.models) * len(run.seeds)
+    assert rc == 0, run.out
+    assert len(trial_dirs(run.path)) == run.trials
+    return run
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """Any attempt of the CLI to start a run (or Ray) fails the test instead."""
+    import iterand_tune.cli as cli
+    import iterand_tune.resources as resources
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CLI tried to start a run")
+
+    monkeypatch.setattr(cli, "_tune", refuse)
+    monkeypatch.setattr(resources, "connect", refuse)

@@ -1,15 +1,25 @@
-"""Helpers shared by several test modules: counting host reads during training, and reading
-the trial statuses out of a Ray Tune run's experiment state."""
+"""Helpers shared by several test modules: counting host reads during training, the CLI's
+--dry-run trials, small experiment files on digits, reading a run's files (trial folders,
+reports, statuses from the experiment state) and drivers killed and resumed."""
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
 
+import pytest
 import torch
 
 import iterand_tune.supermask as supermask
 from iterand_tune.config import METHODS, TrialConfig
+from iterand_tune.storage import experiment_state, open_storage
 from iterand_tune.training import Trainer
 
 # Tensor methods that read a value back to the host (a device sync on a GPU).
@@ -44,19 +54,138 @@ def count_host_reads(monkeypatch, iters: int, **options) -> dict[str, int]:
     return counts
 
 
+# ------------------------------------------------------------------ experiment files on digits
+
+# A small supermask trial on digits (1,257 training images, 20 iterations an epoch at batch 64).
+DIGITS = dict(dataset="digits", model="conv6x0.25", epochs=3, batch_size=64,
+              train_augmentation=False, train_mode="score_only", bn_affine=False,
+              conv_sparsity=0.5, lr=0.3)
+EDGEPOPUP: dict = {}
+ITERAND = dict(rerand_mode="bernoulli", rerand_freq=5, rerand_lambda=0.1)
+
+
+def write_experiments(path, *experiments: tuple) -> str:
+    """An experiment file at `path` defining `experiments`: (name, config, grid[, search])
+    tuples of plain values, search values being source text of iterand_tune.search_space
+    domains, e.g. {"lr": "LogUniform(0.05, 0.5)"}."""
+    lines = ["from iterand_tune.experiments import Experiment",
+             "from iterand_tune.search_space import Choice, LogUniform, QUniform, Uniform",
+             "", "EXPERIMENTS = ["]
+    for name, config, grid, *search in experiments:
+        space = ", ".join(f"{k}={v}" for k, v in (search[0] if search else {}).items())
+        lines.append(f"    Experiment({name!r}, {dict(config)!r}, {dict(grid)!r}, search=dict({space})),")
+    lines.append("]")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+def write_digits(folder, experiments: Mapping[str, Mapping[str, Any]],
+                 grid: Optional[Mapping[str, Sequence]] = None,
+                 search: Optional[Mapping[str, Mapping[str, str]]] = None,
+                 file: str = "tiny.py", **values: Any) -> str:
+    """`folder/file` with one digits experiment per name of `experiments` (name -> its own
+    values, e.g. ITERAND): DIGITS, then its values, then `values`; every experiment with the
+    same `grid` (default: seed 1) and its `search` space (name -> domains) if any."""
+    grid = dict(grid or {"seed": [1]})
+    search = search or {}
+    return write_experiments(os.path.join(folder, file), *(
+        (name, {**DIGITS, **own, **values}, grid, search.get(name, {}))
+        for name, own in experiments.items()))
+
+
+# ------------------------------------------------------------------ reading a run's files
+
+def trial_dirs(run_dir, prefix: str = "") -> list[str]:
+    """The trial folders of a run (named EXPERIMENT-MODEL-seedS-ID), sorted by name."""
+    return sorted(d for d in glob.glob(os.path.join(str(run_dir), f"{prefix}*-seed*"))
+                  if os.path.isdir(d))
+
+
+def result_rows(trial_dir) -> list[dict]:
+    """The reports of a trial's result.json ([] before the first); a line cut off mid-write
+    (the trial is still running) is skipped."""
+    path = os.path.join(str(trial_dir), "result.json")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def run_rows(run_dir) -> dict[str, list[dict]]:
+    """trial_id -> reports, for every trial of the run that reported at least once."""
+    out = {}
+    for d in trial_dirs(run_dir):
+        rows = result_rows(d)
+        if rows:
+            out[rows[-1]["trial_id"]] = rows
+    return out
+
+
 def trial_states(run_dir) -> dict[str, tuple[str, int]]:
     """trial_id -> (Ray Tune status, last reported epoch), from the newest experiment state."""
-    files = sorted(glob.glob(os.path.join(run_dir, "experiment_state-*.json")))
-    if not files:
-        return {}
+    fs, root = open_storage(str(run_dir))
+    return {tid: (s["status"], s["last_result"].get("epoch", 0))
+            for tid, s in experiment_state(fs, root).items()}
+
+
+# ------------------------------------------------------------------ drivers killed and resumed
+
+def wait_for(predicate: Callable[[], Any], proc: subprocess.Popen, what: str,
+             timeout: float = 300, show: Optional[Callable[[], Any]] = None) -> Any:
+    """Poll `predicate` until it returns something true (returned) while the driver `proc`
+    runs; fails the test when the driver ends first or after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        assert proc.poll() is None, f"the run ended before {what}"
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}" + (f": {show()}" if show else ""))
+
+
+def kill_driver_when(argv: Sequence[str], ready: Callable[[], Any], what: str,
+                     timeout: float = 300) -> Any:
+    """Start `python -m iterand_tune ARGV` as a driver process, SIGKILL it as soon as `ready()`
+    returns something true, and return that."""
+    proc = subprocess.Popen([sys.executable, "-m", "iterand_tune", *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        with open(files[-1]) as f:
-            state = json.load(f)
-    except (OSError, json.JSONDecodeError):  # caught mid-write
-        return {}
-    out = {}
-    for trial_json, meta in state["trial_data"]:
-        t = json.loads(trial_json)
-        last = (meta if isinstance(meta, dict) else json.loads(meta)).get("last_result") or {}
-        out[t["trial_id"]] = (t["status"], last.get("epoch", 0))
-    return out
+        return wait_for(ready, proc, what, timeout)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def resume(argv: Sequence[str]) -> str:
+    """`python -m iterand_tune ARGV --resume`, run to the end in this process (it joins the
+    session's Ray, which the killed driver used too); it must succeed and say that it resumed.
+    Returns what it printed."""
+    from iterand_tune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([*argv, "--resume"])
+    assert rc == 0, (out.getvalue()[-3000:], err.getvalue()[-3000:])
+    assert "resuming " in out.getvalue(), out.getvalue()[-3000:]
+    return out.getvalue()
+
+
+# ------------------------------------------------------------------ the CLI without Ray
+
+def dry_run(capsys, *argv: str) -> list[dict]:
+    """Trials of `python -m iterand_tune ... --dry-run --json`, run in-process."""
+    from iterand_tune.cli import main
+
+    rc = main([*argv, "--dry-run", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert err == ""
+    return [json.loads(line) for line in out.splitlines()]

@@ -1,13 +1,13 @@
-"""Tests for the analysis package: tables from a real tiny Ray Tune run on digits (and from
-copies of it made partial by hand), aggregates and figures on constructed tables, Parquet round
-trips, the CLI's outputs and one-line errors, and the figure 2 notebook executed with nbclient."""
+"""Tests for the analysis package: tables from the session's real tiny Ray Tune run on digits
+(and from copies of it made partial by hand), aggregates and figures on constructed tables,
+Parquet round trips, the CLI's outputs and one-line errors, and the figure 2 notebook executed
+with nbclient."""
 from __future__ import annotations
 
 import glob
 import json
 import os
 import shutil
-import textwrap
 
 import numpy as np
 import pandas as pd
@@ -16,55 +16,28 @@ import pytest
 from analysis import (ResultsError, aggregate, figure1, figure2, figure3, load_history,
                       load_results, point_keys, read_parquet, to_parquet)
 from analysis.cli import main as analysis_main
-from analysis.results import parse_model
 from iterand_tune.config import FIELD_NAMES
+from iterand_tune.vocabulary import split_model_name
+
+from helpers import result_rows, trial_dirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEEDS = (1, 2)
-MODELS = ("conv6x0.25", "conv6x0.5")
 
 
-# ------------------------------------------------------------------ a real run
+# ------------------------------------------------------------------ the real run
 
 @pytest.fixture(scope="module")
-def run_dir(ray_cluster, tmp_path_factory):
-    """One tiny real run: edge-popup (KU) and IteRand (SC) x two widths x two seeds, 2 epochs."""
-    from iterand_tune.cli import main
-
-    folder = tmp_path_factory.mktemp("analysis_run")
-    exp = folder / "tiny.py"
-    exp.write_text(textwrap.dedent(f"""
-        from iterand_tune.experiments import Experiment
-        BASE = dict(dataset="digits", epochs=2, batch_size=64, train_augmentation=False,
-                    train_mode="score_only", bn_affine=False, conv_sparsity=0.5, lr=0.3,
-                    debug_max_iters=3)
-        EXPERIMENTS = [
-            Experiment("tiny_ku_edgepopup", dict(**BASE, init_mode="kaiming_uniform"),
-                       dict(model={list(MODELS)!r}, seed={list(SEEDS)!r})),
-            Experiment("tiny_sc_iterand", dict(**BASE, init_mode="signed_constant",
-                       rerand_mode="bernoulli", rerand_freq=2, rerand_lambda=0.1),
-                       dict(model={list(MODELS)!r}, seed={list(SEEDS)!r})),
-        ]
-    """))
-    rc = main([str(exp), "--storage-path", str(folder / "results"), "--name", "x",
-               "--cpus-per-trial", "1", "--verbose", "0"])
-    assert rc == 0
-    return str(folder / "results" / "x")
-
-
-def _trial_folders(run):
-    return sorted(d for d in glob.glob(os.path.join(run, "tiny_*")) if os.path.isdir(d))
-
-
-def _rows(trial_folder):
-    with open(os.path.join(trial_folder, "result.json")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def run_dir(digits_run):
+    """The session's digits run (conftest.py): edge-popup (KU) and IteRand (SC) x two widths x
+    two seeds."""
+    return digits_run.path
 
 
 @pytest.mark.slow
-def test_load_results_has_one_row_per_trial_with_labels_config_and_final_metrics(run_dir):
+def test_load_results_has_one_row_per_trial_with_labels_config_and_final_metrics(digits_run):
+    run_dir = digits_run.path
     df = load_results(run_dir)
-    assert len(df) == 8 and df["trial_id"].is_unique
+    assert len(df) == digits_run.trials == 8 and df["trial_id"].is_unique
     assert set(df["status"]) == {"finished"}
     assert not [c for c in df.columns if c.startswith("config/")]
     assert set(FIELD_NAMES) <= set(df.columns)
@@ -72,30 +45,30 @@ def test_load_results_has_one_row_per_trial_with_labels_config_and_final_metrics
     assert sorted(map(tuple, labels.to_numpy().tolist())) == [
         ("tiny_ku_edgepopup", "edgepopup", "ku", "conv6"),
         ("tiny_sc_iterand", "iterand", "sc", "conv6")]
-    assert sorted(df["width"].unique()) == [0.25, 0.5]
-    for folder in _trial_folders(run_dir):
-        last = _rows(folder)[-1]
+    assert sorted(df["width"].unique()) == [0.125, 0.25]
+    for folder in trial_dirs(run_dir):
+        last = result_rows(folder)[-1]
         row = df[df["trial_id"] == last["trial_id"]].iloc[0]
         with open(os.path.join(folder, "params.json")) as f:
             config = json.load(f)["trial"]
         for name in ("model", "seed", "lr", "init_mode", "rerand_mode", "conv_sparsity",
                      "debug_max_iters"):
             assert (row[name] if pd.notna(row[name]) else None) == config[name], name
-        assert row["test_acc"] == last["test_acc"] and row["epoch"] == 2
+        assert row["test_acc"] == last["test_acc"] and row["epoch"] == digits_run.epochs
         assert row["last_lr"] == last["lr"]  # the config's lr keeps its name
         assert row["params_after_pruning"] == last["params_after_pruning"]
         assert row["path"] == folder and pd.isna(row["error"])
 
 
 @pytest.mark.slow
-def test_load_history_has_one_row_per_trial_and_epoch(run_dir):
+def test_load_history_has_one_row_per_trial_and_epoch(digits_run):
+    run_dir, epochs = digits_run.path, digits_run.epochs
     h = load_history(run_dir)
-    assert len(h) == 16
-    assert all(list(e) == [1, 2] for _, e in h.groupby("trial_id")["epoch"])
-    assert h.loc[h["epoch"] == 1, "test_acc"].isna().all()
-    assert h.loc[h["epoch"] == 2, "test_acc"].notna().all()
-    folder = _trial_folders(run_dir)[0]
-    rows = _rows(folder)
+    assert len(h) == digits_run.trials * epochs
+    assert all(list(e) == list(range(1, epochs + 1)) for _, e in h.groupby("trial_id")["epoch"])
+    assert h.loc[h["epoch"] < epochs, "test_acc"].isna().all()
+    assert h.loc[h["epoch"] == epochs, "test_acc"].notna().all()
+    rows = result_rows(trial_dirs(run_dir)[0])
     got = h[h["trial_id"] == rows[0]["trial_id"]].sort_values("epoch")
     assert got["val_acc"].tolist() == [r["val_acc"] for r in rows]
     assert got["lr"].tolist() == [r["lr"] for r in rows]
@@ -126,24 +99,25 @@ def _set_state(run, statuses):
 
 
 @pytest.fixture
-def partial_run(run_dir, tmp_path):
-    """A copy of the run with one trial running (1 epoch + a line cut mid-write), one errored,
-    one not started, and one resumed (epoch 2 reported twice)."""
+def partial_run(digits_run, tmp_path):
+    """A copy of the run (2 epochs) with one trial running (1 epoch + a line cut mid-write), one
+    errored, one not started, and one resumed (epoch 2 reported twice)."""
+    assert digits_run.epochs == 2, "the partial run is made for a run of two epochs"
     run = str(tmp_path / "partial")
-    shutil.copytree(run_dir, run)
-    folders = _trial_folders(run)
-    ids = [_rows(f)[0]["trial_id"] for f in folders]
+    shutil.copytree(digits_run.path, run)
+    folders = trial_dirs(run)
+    ids = [result_rows(f)[0]["trial_id"] for f in folders]
     running, errored, pending, resumed = folders[0], folders[1], folders[2], folders[3]
-    rows = _rows(running)
+    rows = result_rows(running)
     with open(os.path.join(running, "result.json"), "w") as f:
         f.write(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:40])
-    first = _rows(errored)[0]
+    first = result_rows(errored)[0]
     with open(os.path.join(errored, "result.json"), "w") as f:
         f.write(json.dumps(first) + "\n")
     with open(os.path.join(errored, "error.txt"), "w") as f:
         f.write("Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory\n")
     shutil.rmtree(pending)
-    rows = _rows(resumed)
+    rows = result_rows(resumed)
     again = dict(rows[1], val_acc=12.5, test_acc=33.25)
     with open(os.path.join(resumed, "result.json"), "a") as f:
         f.write(json.dumps(again) + "\n")
@@ -214,7 +188,7 @@ def trials_table(rows):
     params_after_pruning[, rerand_lambda]) tuples."""
     records = []
     for i, r in enumerate(rows):
-        network, width = parse_model(r[1])
+        network, width = split_model_name(r[1])
         records.append(dict(trial_id=f"t{i:03d}", experiment=r[0], network=network, width=width,
                             model=r[1], method=r[2], init=r[3], seed=r[4], status=r[5],
                             test_acc=r[6], params_after_pruning=r[7],
@@ -430,7 +404,8 @@ def test_cli_figure_writes_the_format_of_its_extension(run_dir, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_cli_table_prints_and_writes_csv_and_parquet(run_dir, tmp_path, capsys):
+def test_cli_table_prints_and_writes_csv_and_parquet(digits_run, tmp_path, capsys):
+    run_dir, n = digits_run.path, digits_run.trials
     assert analysis_main(["table", run_dir, "-o", str(tmp_path / "p.csv")]) == 0
     out = capsys.readouterr().out
     points = aggregate(load_results(run_dir))
@@ -438,7 +413,7 @@ def test_cli_table_prints_and_writes_csv_and_parquet(run_dir, tmp_path, capsys):
         line = next(li for li in out.splitlines()
                     if li.startswith(f"{p['experiment']} ") and f" {p['model']} " in li)
         assert f"{p['test_acc_mean']:.2f}" in line and "2/2" in line
-    assert "8 trials: 8 finished" in out
+    assert f"{n} trials: {n} finished" in out
     csv = pd.read_csv(tmp_path / "p.csv")
     assert csv["test_acc_mean"].tolist() == pytest.approx(points["test_acc_mean"].tolist())
     assert list(csv.columns) == list(points.columns)
@@ -446,7 +421,7 @@ def test_cli_table_prints_and_writes_csv_and_parquet(run_dir, tmp_path, capsys):
     assert analysis_main(["table", run_dir, "--rows", "trials",
                           "-o", str(tmp_path / "t.parquet")]) == 0
     out = capsys.readouterr().out
-    assert out.count(" finished ") == 8
+    assert out.count(" finished ") == n
     trials = read_parquet(tmp_path / "t.parquet")
     pd.testing.assert_frame_equal(trials, load_results(run_dir))
     # The Parquet table of trials is a RESULTS argument too: plot without the run's folder.
@@ -456,8 +431,8 @@ def test_cli_table_prints_and_writes_csv_and_parquet(run_dir, tmp_path, capsys):
 
     assert analysis_main(["table", run_dir, "--rows", "epochs",
                           "-o", str(tmp_path / "h.csv")]) == 0
-    assert "16 epochs of 8 trials" in capsys.readouterr().out
-    assert len(pd.read_csv(tmp_path / "h.csv")) == 16
+    assert f"{n * digits_run.epochs} epochs of {n} trials" in capsys.readouterr().out
+    assert len(pd.read_csv(tmp_path / "h.csv")) == n * digits_run.epochs
 
 
 # ------------------------------------------------------------------ the notebook

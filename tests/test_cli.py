@@ -1,18 +1,39 @@
-"""Tests for iterand_tune.cli: one tiny `train` run on the offline digits data, and every user
-error ending as one `error: ...` line on stderr with exit code 2 (in-process and as `python -m`)."""
+"""Tests for iterand_tune.cli: one tiny `train` run on the offline digits data, the trials a
+run would start (--dry-run with --only, --set, --smoke-test, --data-dir), run names and
+resumes, and every user error ending as one `error: ...` line on stderr with exit code 2
+(in-process and as `python -m`)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from iterand_tune.cli import main
+from iterand_tune.config import TrialConfig
+
+from helpers import dry_run, write_digits, write_experiments
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS_DIR = os.path.join(ROOT, "experiments")
+FIGURE1, FIGURE2, FIGURE3 = (os.path.join(EXPERIMENTS_DIR, f"figure{i}.py") for i in (1, 2, 3))
+QUICKSTART = os.path.join(EXPERIMENTS_DIR, "quickstart.py")
 
 EPOCH_KEYS = {"epoch", "train_acc", "val_acc", "best_val_acc", "best_epoch", "lr", "iterations",
               "params_before_pruning", "params_after_pruning"}
+
+
+def method_of(trial: dict) -> str:
+    return TrialConfig.from_dict({k: v for k, v in trial.items() if k != "experiment"}).method
+
+
+def canonical(trials, drop=("dataset_dir",)) -> list[str]:
+    """Order-free, comparable form of a trial list (JSON strings, sorted)."""
+    return sorted(json.dumps({k: v for k, v in t.items() if k not in drop}, sort_keys=True)
+                  for t in trials)
 
 
 def run_cli(capsys, argv):
@@ -113,3 +134,150 @@ def test_module_entry_point_error_as_subprocess():
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and "conv_sparsity" in lines[0]
+
+
+# ------------------------------------------------------------------ the trials of a run (--dry-run)
+
+def test_text_dry_run_ends_with_trial_count(capsys, no_run):
+    assert main([FIGURE2, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1].startswith("180 trials")
+    assert len(out.splitlines()) == 180 + 3  # header, rule, one row per trial, count line
+
+
+def test_cli_only_picks_experiments(capsys):
+    trials = dry_run(capsys, FIGURE3, "--only", "figure3_resnet101_sc_iterand",
+                     "figure3_resnet18_ku_sgd")
+    assert [t["experiment"] for t in trials] == ["figure3_resnet101_sc_iterand",
+                                                 "figure3_resnet18_ku_sgd"]
+
+
+def test_cli_set_changes_every_trial(capsys):
+    trials = dry_run(capsys, FIGURE1, "--set", "lr=0.5")
+    assert len(trials) == 36 and {t["lr"] for t in trials} == {0.5}
+
+
+def test_cli_set_collapses_grid_axis(capsys):
+    trials = dry_run(capsys, FIGURE2, "--set", "seed=7")
+    assert len(trials) == 60 and {t["seed"] for t in trials} == {7}
+    assert len(set(canonical(trials))) == 60
+
+
+def test_cli_smoke_test(capsys):
+    trials = dry_run(capsys, FIGURE2, "--smoke-test")
+    assert len(trials) == 180
+    for t in trials:
+        assert (t["epochs"], t["debug_max_iters"], t["debug_max_eval_iters"]) == (1, 4, 1)
+        assert t["max_train_dataset_size"] == 256
+        label = method_of(t)
+        if label == "iterand":
+            assert t["rerand_freq"] == 2
+        if label == "sgd":
+            assert t["rerand_freq"] == 300
+    # r = 0 stays edge-popup under the smoke test
+    assert {method_of(t) for t in trials if "edgepopup" in t["experiment"]} == {"edgepopup"}
+    quick = dry_run(capsys, QUICKSTART, "--smoke-test")
+    assert {(method_of(t), t["rerand_freq"]) for t in quick} == {
+        ("sgd", 300), ("edgepopup", 300), ("iterand", 2)}
+
+
+def test_cli_figure3_smoke_test_drops_warmup(capsys):
+    trials = dry_run(capsys, FIGURE3, "--smoke-test")
+    assert {(t["epochs"], t["warmup_epochs"], t["finetuning_epochs"]) for t in trials} == \
+        {(1, 0, 0)}
+
+
+def test_cli_data_dir_is_made_absolute(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert {t["dataset_dir"] for t in dry_run(capsys, QUICKSTART, "--data-dir", "rel")} == \
+        {str(tmp_path / "rel")}
+    assert {t["dataset_dir"] for t in dry_run(capsys, QUICKSTART)} == {str(tmp_path / "data")}
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["{tmp}/nope.py"], "no experiment file at"),
+    (["{tmp}/empty.py"], "defines no experiments"),
+    ([FIGURE2, "--only", "figure2_conv6_ku_sdg"], "did you mean 'figure2_conv6_ku_sgd'"),
+    ([FIGURE2, "--set", "lrr=0.5"], "unknown TrialConfig option 'lrr'"),
+    ([FIGURE2, "--set", "epochs=abc"], "option 'epochs' needs int"),
+    ([FIGURE2, "--set", "conv_sparsity=1.5"], "conv_sparsity = 1.5"),
+    ([FIGURE2, "--gpus-per-trial", "0.3"], "--gpus-per-trial"),
+    ([FIGURE2, "--json"], "--json goes with --dry-run"),
+    ([FIGURE2, "--resume", "--set", "lr=0.1"], "--resume"),
+])
+def test_run_user_errors(capsys, tmp_path, no_run, argv, fragment):
+    (tmp_path / "empty.py").write_text("X = 1\n")
+    store = tmp_path / "store"
+    argv = [a.format(tmp=tmp_path) for a in argv] + ["--storage-path", str(store)]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and fragment in lines[0]
+    assert not store.exists()
+
+
+# ------------------------------------------------------------------ run names and resumes
+
+def test_resume_newest_run_of_a_file_without_name(tmp_path, capsys):
+    exp = write_digits(str(tmp_path), {"tiny": {}})
+    rc = main([exp, "--storage-path", str(tmp_path), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no earlier run of tiny under" in err
+
+
+def test_existing_run_name_is_not_overwritten(tmp_path, capsys, no_run):
+    exp = write_digits(str(tmp_path), {"tiny": {}})
+    (tmp_path / "r" / "taken").mkdir(parents=True)
+    (tmp_path / "r" / "taken" / "keep.txt").write_text("x")
+    rc = main([exp, "--storage-path", str(tmp_path / "r"), "--name", "taken"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "already holds a run" in err and "--resume" in err
+    assert os.listdir(tmp_path / "r" / "taken") == ["keep.txt"]
+    for name in ("a/b", ".."):
+        assert main([exp, "--storage-path", str(tmp_path / "r"), "--name", name]) == 2
+        assert "must be a folder name" in capsys.readouterr().err
+
+
+def test_resume_must_match_the_kind_of_run(tmp_path, capsys, no_run):
+    exp = write_digits(str(tmp_path), {"tiny": {}}, search={"tiny": {"lr": "LogUniform(0.05, 0.5)"}})
+    run_dir = tmp_path / "r" / "s"
+    run_dir.mkdir(parents=True)
+    (run_dir / "search_gen_state-2026-11-28_12-00-00.json").write_text("{}")
+    rc = main([exp, "--storage-path", str(tmp_path / "r"), "--name", "s", "--resume"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and len(err) == 1 and "resume it with --search --resume" in err[0]
+    plain = tmp_path / "r" / "p"
+    plain.mkdir()
+    rc = main([exp, "--search", "--storage-path", str(tmp_path / "r"), "--name", "p", "--resume"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and len(err) == 1 and "not a search run" in err[0]
+
+
+def test_search_user_errors_are_one_line(tmp_path, capsys, no_run):
+    plain = write_experiments(tmp_path / "plain.py", ("p", dict(dataset="digits"), dict(seed=[1])))
+    for argv, message in (
+            ([plain, "--search", "--dry-run"], "defines no search space"),
+            ([plain, "--from-search", str(tmp_path), "--dry-run"], "holds no readable best_configs.json"),
+            ([plain, "--num-samples", "3"], "go(es) with --search"),
+            ([plain, "--search", "--reduction-factor", "1"], "must be > 1"),
+            ([plain, "--search", "--from-search", str(tmp_path)], "two steps")):
+        rc = main(argv)
+        err = capsys.readouterr().err.splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], (argv, err)
+
+
+# ------------------------------------------------------------------ as a command
+
+@pytest.mark.slow  # a subprocess: about 5 s
+def test_dry_run_json_piped_into_head_prints_no_traceback():
+    # 180 JSON lines (~280 kB) overflow the pipe buffer, so closing after one line breaks the pipe.
+    proc = subprocess.Popen([sys.executable, "-m", "iterand_tune", FIGURE2, "--dry-run", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT)
+    assert json.loads(proc.stdout.readline())["experiment"] == "figure2_conv6_ku_sgd"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -1,4 +1,4 @@
-"""Tests for iterand_tune.config: TrialConfig defaults (SPEC 5-6), option names, type coercion,
+"""Tests for iterand_tune.config: TrialConfig defaults (docs/method.md), option names, type coercion,
 validation messages, the `method` label, METHODS presets, dict round trips and parse_value."""
 
 from __future__ import annotations
@@ -487,8 +487,10 @@ def test_parse_speed_options(name, text, expected):
 
 
 def test_config_datasets_are_the_data_modules():
-    from iterand_tune.config import DATASETS
     from iterand_tune.data import DATASETS as DATA_DATASETS
+    from iterand_tune.vocabulary import DATASET_NAMES, DATASETS
 
-    assert set(DATASETS) == set(DATA_DATASETS)
+    assert DATA_DATASETS is DATASETS and DATASET_NAMES == tuple(DATASETS)
     assert TrialConfig(dataset="synthetic_cifar10").dataset == "synthetic_cifar10"
+    for name in DATASETS:
+        assert TrialConfig(dataset=name).dataset == name

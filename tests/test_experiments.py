@@ -1,29 +1,24 @@
-"""Tests for iterand_tune.experiments and the pure parts of runner/cli: every figure's trials
-value for value against SPEC 7, the original YAML import, file errors, resources, summaries."""
+"""Tests for iterand_tune.experiments: every figure's trials value for value against the paper
+(docs/method.md), the original YAML import, Experiment validation, overrides, the smoke test and
+`prepare`, and experiment files that are broken in every way a user can break them."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import math
-import statistics
-import subprocess
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from iterand_tune import runner
 from iterand_tune.cli import main
 from iterand_tune.config import FIELD_NAMES, ConfigError, TrialConfig
 from iterand_tune.data import DIGITS_SPLIT, DeviceLoader
-from iterand_tune.experiments import (SMOKE_TEST, Experiment, ExperimentError, check_gpus, load,
-                                      load_python, select, smoke_test)
-from iterand_tune.models import estimate_macs
-from iterand_tune.runner import (RunError, RunOptions, RunSummary, check_cluster, gpu_share,
-                                 summarize, trial_request)
+from iterand_tune.experiments import (SMOKE_TEST, Experiment, ExperimentError, all_trials, load,
+                                      load_python, prepare, select, smoke_test)
+
+from helpers import dry_run
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 FIGURE1, FIGURE2, FIGURE3 = (str(EXPERIMENTS_DIR / f"figure{i}.py") for i in (1, 2, 3))
@@ -34,15 +29,6 @@ CIFAR10_COMMON = dict(dataset="cifar10", epochs=100, batch_size=128, optimizer="
 
 
 # ------------------------------------------------------------------ helpers
-
-def dry_run(capsys, *argv: str) -> list[dict]:
-    """Trials of `python -m iterand_tune ... --dry-run --json`, run in-process."""
-    rc = main([*argv, "--dry-run", "--json"])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    assert err == ""
-    return [json.loads(line) for line in out.splitlines()]
-
 
 def method_of(trial: dict) -> str:
     return TrialConfig.from_dict({k: v for k, v in trial.items() if k != "experiment"}).method
@@ -58,22 +44,12 @@ def canonical(trials, drop=("dataset_dir",)) -> list[str]:
                   for t in trials)
 
 
-@pytest.fixture
-def no_run(monkeypatch):
-    """Any attempt to start Ray fails the test instead of starting a cluster."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("runner.run was called: the CLI tried to start a run")
-    monkeypatch.setattr(runner, "run", refuse)
-    monkeypatch.setattr(runner, "connect", refuse)
-
-
 def write(tmp_path: Path, name: str, text: str) -> str:
     path = tmp_path / name
     path.write_text(text)
     return str(path)
 
-
-# ------------------------------------------------------------------ figure 2 (SPEC 7)
+# ------------------------------------------------------------------ figure 2
 
 FIG2_NETWORKS = {  # p, wd, lr of pruning methods, lr of SGD
     "conv6": (0.5, 1e-4, 0.3, 0.01),
@@ -96,7 +72,7 @@ FIG2_METHODS = {  # expected values and TrialConfig.method
 WIDTHS = ("0.25", "0.5", "1.0", "2.0")
 
 
-def test_figure2_dry_run_matches_spec(capsys):
+def test_figure2_dry_run_matches_the_paper(capsys):
     trials = dry_run(capsys, FIGURE2)
     assert len(trials) == 180
     assert len(set(canonical(trials, drop=()))) == 180  # all distinct
@@ -134,17 +110,9 @@ def test_figure2_conv6_lrs_and_grid_order(capsys):
     assert [(t["model"], t["seed"]) for t in trials[:12]] == \
         [(f"conv6x{w}", s) for s in (1, 2, 3) for w in WIDTHS]
 
-
-def test_text_dry_run_ends_with_trial_count(capsys, no_run):
-    assert main([FIGURE2, "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert out.rstrip().splitlines()[-1].startswith("180 trials")
-    assert len(out.splitlines()) == 180 + 3  # header, rule, one row per trial, count line
-
-
 # ------------------------------------------------------------ figure 1, 3, examples, quickstart
 
-def test_figure1_dry_run_matches_spec(capsys):
+def test_figure1_dry_run_matches_the_paper(capsys):
     trials = dry_run(capsys, FIGURE1)
     assert len(trials) == 36
     nets = {"conv6": ("conv6x1.0", 0.5, 0.3, 1e-4), "resnet18": ("resnet18x1.0", 0.6, 0.1, 5e-4),
@@ -161,7 +129,7 @@ def test_figure1_dry_run_matches_spec(capsys):
         assert method_of(t) == ("edgepopup" if t["rerand_lambda"] == 0 else "iterand")
 
 
-def test_figure3_dry_run_matches_spec(capsys):
+def test_figure3_dry_run_matches_the_paper(capsys):
     trials = dry_run(capsys, FIGURE3)
     assert len(trials) == 8
     assert sorted((t["model"], method_of(t)) for t in trials) == sorted(
@@ -191,7 +159,7 @@ def test_figure3_big_resnets_get_two_gpus():
     assert all(g is None for n, g in gpus.items() if n not in two)
 
 
-def test_examples_dry_run_matches_spec(capsys):
+def test_examples_dry_run_matches_the_paper(capsys):
     trials = {t["experiment"]: t for t in dry_run(capsys, EXAMPLES)}
     assert sorted(trials) == ["cifar10_resnet18_ku_sgd", "cifar10_resnet18_sc_edgepopup",
                               "cifar10_resnet18_sc_iterand"]
@@ -225,7 +193,7 @@ def test_quickstart_dry_run_and_rerandomises_several_times(capsys):
         assert t["rerand_freq_unit"] == "iteration"
         per_epoch = math.ceil(1257 / t["batch_size"])  # DeviceLoader keeps the last short batch
         assert t["rerand_freq"] < per_epoch
-        # SPEC 3: re-randomise before iteration `it` when (it + 1) % K_per == 0
+        # docs/method.md: re-randomise before iteration `it` when (it + 1) % K_per == 0
         draws = sum((it + 1) % t["rerand_freq"] == 0 for it in range(t["epochs"] * per_epoch))
         assert draws >= 3
 
@@ -532,7 +500,6 @@ def test_gpus_per_trial_refused(gpus):
 @pytest.mark.parametrize("gpus", [0.25, 0.5, 1, 2, 1 / 3, 0.125])
 def test_gpus_per_trial_accepted(gpus):
     assert Experiment("e", gpus_per_trial=gpus).gpus_per_trial == pytest.approx(gpus)
-    assert check_gpus(gpus, "x") == pytest.approx(gpus)
 
 
 def test_invalid_trial_value_raises_at_construction_naming_experiment():
@@ -613,235 +580,20 @@ def test_load_missing_and_wrong_extension(tmp_path):
         load(write(tmp_path, "notes.txt", "EXPERIMENTS = []\n"))
 
 
-# ------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------ what a run sees
 
-def test_cli_only_picks_experiments(capsys):
-    trials = dry_run(capsys, FIGURE3, "--only", "figure3_resnet101_sc_iterand",
-                     "figure3_resnet18_ku_sgd")
-    assert [t["experiment"] for t in trials] == ["figure3_resnet101_sc_iterand",
-                                                 "figure3_resnet18_ku_sgd"]
-
-
-def test_cli_set_changes_every_trial(capsys):
-    trials = dry_run(capsys, FIGURE1, "--set", "lr=0.5")
-    assert len(trials) == 36 and {t["lr"] for t in trials} == {0.5}
-
-
-def test_cli_set_collapses_grid_axis(capsys):
-    trials = dry_run(capsys, FIGURE2, "--set", "seed=7")
-    assert len(trials) == 60 and {t["seed"] for t in trials} == {7}
-    assert len(set(canonical(trials))) == 60
-
-
-def test_cli_smoke_test(capsys):
-    trials = dry_run(capsys, FIGURE2, "--smoke-test")
-    assert len(trials) == 180
-    for t in trials:
-        assert (t["epochs"], t["debug_max_iters"], t["debug_max_eval_iters"]) == (1, 4, 1)
-        assert t["max_train_dataset_size"] == 256
-        label = method_of(t)
-        if label == "iterand":
-            assert t["rerand_freq"] == 2
-        if label == "sgd":
-            assert t["rerand_freq"] == 300
-    # r = 0 stays edge-popup under the smoke test
-    assert {method_of(t) for t in trials if "edgepopup" in t["experiment"]} == {"edgepopup"}
-    quick = dry_run(capsys, QUICKSTART, "--smoke-test")
-    assert {(method_of(t), t["rerand_freq"]) for t in quick} == {
-        ("sgd", 300), ("edgepopup", 300), ("iterand", 2)}
-
-
-def test_cli_figure3_smoke_test_drops_warmup(capsys):
-    trials = dry_run(capsys, FIGURE3, "--smoke-test")
-    assert {(t["epochs"], t["warmup_epochs"], t["finetuning_epochs"]) for t in trials} == \
-        {(1, 0, 0)}
-
-
-def test_cli_data_dir_is_made_absolute(capsys, tmp_path, monkeypatch):
+def test_prepare_fixes_values_applies_the_smoke_test_and_makes_data_folders_absolute(
+        tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert {t["dataset_dir"] for t in dry_run(capsys, QUICKSTART, "--data-dir", "rel")} == \
-        {str(tmp_path / "rel")}
-    assert {t["dataset_dir"] for t in dry_run(capsys, QUICKSTART)} == {str(tmp_path / "data")}
-
-
-@pytest.mark.parametrize("argv, fragment", [
-    (["{tmp}/nope.py"], "no experiment file at"),
-    (["{tmp}/empty.py"], "defines no experiments"),
-    ([FIGURE2, "--only", "figure2_conv6_ku_sdg"], "did you mean 'figure2_conv6_ku_sgd'"),
-    ([FIGURE2, "--set", "lrr=0.5"], "unknown TrialConfig option 'lrr'"),
-    ([FIGURE2, "--set", "epochs=abc"], "option 'epochs' needs int"),
-    ([FIGURE2, "--set", "conv_sparsity=1.5"], "conv_sparsity = 1.5"),
-    ([FIGURE2, "--gpus-per-trial", "0.3"], "--gpus-per-trial"),
-    ([FIGURE2, "--json"], "--json goes with --dry-run"),
-    ([FIGURE2, "--resume", "--set", "lr=0.1"], "--resume"),
-])
-def test_cli_user_errors(capsys, tmp_path, no_run, argv, fragment):
-    (tmp_path / "empty.py").write_text("X = 1\n")
-    store = tmp_path / "store"
-    argv = [a.format(tmp=tmp_path) for a in argv] + ["--storage-path", str(store)]
-    assert main(argv) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and fragment in lines[0]
-    assert not store.exists()
-
-
-# ------------------------------------------------------------------ resources
-
-def test_estimate_macs_conv6_by_hand():
-    convs = [(32, 3, 64), (32, 64, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256),
-             (8, 256, 256)]  # (spatial size, C_in, C_out), 3x3 kernels, padding 1
-    linear = 256 * 4 * 4 * 256 + 256 * 256 + 256 * 10
-    by_hand = sum(h * h * cin * cout * 9 for h, cin, cout in convs) + linear
-    assert by_hand == 153_881_088
-    assert estimate_macs("conv6x1.0") == by_hand
-
-
-@pytest.mark.parametrize("model, share", [
-    ("conv6x0.25", 0.25), ("conv6x0.5", 0.25), ("conv6x1.0", 0.25), ("resnet18x0.25", 0.25),
-    ("resnet18x0.5", 0.25), ("resnet18x1.0", 0.5), ("conv6x2.0", 0.5), ("resnet18x2.0", 1.0),
-    ("resnet34x2.0", 1.0),
-])
-def test_gpu_share(model, share):
-    assert gpu_share(model, "cifar10") == share
-
-
-OPTS = RunOptions(storage_path="/nonexistent/store", name="run")
-
-
-def _trial(**values) -> tuple[dict, Experiment]:
-    e = Experiment("e", values)
-    return e.trials()[0], e
-
-
-def test_trial_request_gpus():
-    trial, e = _trial(model="conv6x1.0")
-    assert trial_request(trial, e, OPTS, have_gpus=False) == (1.0, 0.0)
-    assert trial_request(trial, e, OPTS, have_gpus=True) == (1.0, 0.25)
-    two = e.replace(gpus_per_trial=2)
-    assert trial_request(trial, two, OPTS, have_gpus=True) == (1.0, 2.0)
-    forced = RunOptions(storage_path="/x", name="r", gpus_per_trial=0.5)
-    assert trial_request(trial, two, forced, have_gpus=True) == (1.0, 0.5)
-    assert trial_request(trial, e, forced, have_gpus=False) == (1.0, 0.5)
-    cpu_only, e2 = _trial(model="conv6x1.0", use_cuda=False)
-    assert trial_request(cpu_only, e2, OPTS, have_gpus=True) == (1.0, 0.0)
-
-
-def test_trial_request_cpus():
-    trial, e = _trial(model="resnet50", dataset="imagenet", num_workers=8)
-    assert trial_request(trial, e, OPTS, have_gpus=True) == (9.0, 1.0)
-    assert trial_request(trial, e.replace(cpus_per_trial=3), OPTS, have_gpus=True)[0] == 3.0
-    opts = RunOptions(storage_path="/x", name="r", cpus_per_trial=2)
-    assert trial_request(trial, e.replace(cpus_per_trial=3), opts, have_gpus=True)[0] == 2.0
-
-
-def test_check_cluster_refuses_impossible_request():
-    nodes = [{"CPU": 16.0, "GPU": 1.0}, {"CPU": 16.0, "GPU": 1.0}]
-    with pytest.raises(RunError) as info:
-        check_cluster({"figure3_resnet50_sc_iterand (resnet50)": (9.0, 2.0)}, nodes)
-    message = str(info.value)
-    assert "figure3_resnet50_sc_iterand" in message
-    assert "2 node(s)" in message and "32 CPUs" in message and "2 GPUs" in message
-    assert "\n" not in message
-    with pytest.raises(RunError):
-        check_cluster({"e": (1.0, 0.0)}, [])
-
-
-def test_check_cluster_accepts_satisfiable_requests():
-    check_cluster({"a": (9.0, 2.0), "b": (1.0, 0.0)}, [{"CPU": 4.0}, {"CPU": 16.0, "GPU": 2.0}])
-    check_cluster({"a": (1.0, 0.25), "b": (1.0, 0.5), "c": (1.0, 1.0)}, [{"CPU": 4.0, "GPU": 1.0}])
-
-
-# ------------------------------------------------------------------ summaries
-
-def _rows(experiment: Experiment, accs: list, params: int = 1000) -> list[tuple]:
-    return [(t, {} if acc is None else {"test_acc": acc, "params_after_pruning": params},
-             acc is not None) for t, acc in zip(experiment.trials(), accs)]
-
-
-def test_summarize_means_and_stds():
-    sgd = Experiment("a_sgd", dict(model="conv6x0.5", lr=0.01), dict(seed=[1, 2, 3]))
-    it = Experiment("b_iterand", dict(model="conv6x0.5", train_mode="score_only", bn_affine=False,
-                                      conv_sparsity=0.5, rerand_mode="bernoulli"),
-                    dict(seed=[1, 2, 3]))
-    rows = _rows(sgd, [80.0, 82.0, 84.5], 1_234_567) + _rows(it, [70.0, None, 73.0], 617_000)
-    points = {p.experiment: p for p in summarize(rows)}
-    assert sorted(points) == ["a_sgd", "b_iterand"]
-    a, b = points["a_sgd"], points["b_iterand"]
-    assert (a.method, a.trials, a.done, a.label) == ("sgd", 3, 3, "")
-    assert (b.method, b.trials, b.done) == ("iterand", 3, 2)
-    assert a.mean == pytest.approx(82.1666666667) and a.std == pytest.approx(
-        statistics.stdev([80.0, 82.0, 84.5]))
-    assert b.mean == pytest.approx(71.5) and b.std == pytest.approx(2.1213203436)
-    assert (a.params_after_pruning, b.params_after_pruning) == (1_234_567, 617_000)
-    table = RunSummary("/r", summarize(rows), [], [], 1.0).table()
-    a_line = next(line for line in table.splitlines() if line.startswith("a_sgd"))
-    b_line = next(line for line in table.splitlines() if line.startswith("b_iterand"))
-    assert "3/3" in a_line and "82.17" in a_line and "2.25" in a_line and "1,234,567" in a_line
-    assert "2/3" in b_line and "71.50" in b_line and "2.12" in b_line and "617,000" in b_line
-
-
-def test_summarize_single_and_no_result():
-    e = Experiment("e", dict(model="conv6x0.25"), dict(seed=[1, 2]))
-    (p,) = summarize(_rows(e, [None, 90.0]))
-    assert (p.done, p.mean, p.std) == (1, 90.0, None)
-    (q,) = summarize(_rows(e, [None, None]))
-    assert (q.done, q.mean, q.std, q.params_after_pruning) == (0, None, None, None)
-    line = RunSummary("/r", [q], [], [], 0.0).table().splitlines()[-1]
-    assert "0/2" in line and line.split()[-3:] == ["-", "-", "-"]
-
-
-def test_summarize_separates_points_varying_inside_experiment():
-    (e,) = load(FIGURE1, ["figure1_conv6_ku_iterand"])
-    accs = [60.0 + i for i in range(len(e))]
-    points = summarize(_rows(e, accs))
-    assert len(points) == 4
-    assert sorted(p.label for p in points) == [f"rerand_lambda={r}" for r in (0.0, 0.01, 0.1, 1.0)]
-    assert all(p.trials == 3 and p.done == 3 for p in points)
-    by_label = {p.label: p for p in points}
-    # grid(rerand_lambda, seed): r varies fastest, so r = 0.01 got accs 61, 65, 69
-    assert by_label["rerand_lambda=0.01"].test_accs == [61.0, 65.0, 69.0]
-    assert by_label["rerand_lambda=0.0"].method == "edgepopup"
-    assert by_label["rerand_lambda=0.1"].method == "iterand"
-
-
-def test_run_summary_from_results():
-    e = Experiment("e", dict(model="conv6x0.25"), dict(seed=[1, 2, 3]))
-    t1, t2, t3 = e.trials()
-    grid = [SimpleNamespace(config={runner.TRIAL_KEY: t1}, metrics={"test_acc": 50.0}, error=None),
-            SimpleNamespace(config={runner.TRIAL_KEY: t2}, metrics={"epoch": 3}, error=None),
-            SimpleNamespace(config={runner.TRIAL_KEY: t3}, metrics={}, error=RuntimeError("x"))]
-    summary = RunSummary.from_results(grid, "/r", 2.0)
-    assert summary.errored == ["e-conv6x0.25-seed3"]
-    assert summary.unfinished == ["e-conv6x0.25-seed2"]
-    assert not summary.ok
-    (p,) = summary.points
-    assert (p.trials, p.done, p.test_accs) == (3, 1, [50.0])
-
-
-def test_run_summary_counts_trials_cancelled_before_they_ran():
-    # Ray gives such a trial no config (seen on an overloaded machine); it is an error, not a crash.
-    e = Experiment("e", dict(model="conv6x0.25"), dict(seed=[1]))
-    grid = [SimpleNamespace(config={runner.TRIAL_KEY: e.trials()[0]}, metrics={"test_acc": 50.0},
-                            error=None, path="/r/e-conv6x0.25-seed1-x_00000"),
-            SimpleNamespace(config=None, metrics=None, error=RuntimeError("cancelled"),
-                            path="/r/e-conv6x0.25-seed2-x_00001")]
-    summary = RunSummary.from_results(grid, "/r", 1.0)
-    assert summary.errored == ["e-conv6x0.25-seed2-x_00001"] and not summary.ok
-    (p,) = summary.points
-    assert (p.trials, p.done) == (1, 1)
-
-
-@pytest.mark.slow  # a subprocess: about 5 s
-def test_dry_run_json_piped_into_head_prints_no_traceback():
-    # 180 JSON lines (~280 kB) overflow the pipe buffer, so closing after one line breaks the pipe.
-    proc = subprocess.Popen([sys.executable, "-m", "iterand_tune", FIGURE2, "--dry-run", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=EXPERIMENTS_DIR.parent)
-    assert json.loads(proc.stdout.readline())["experiment"] == "figure2_conv6_ku_sgd"
-    proc.stdout.close()
-    err = proc.stderr.read().decode()
-    proc.wait(timeout=60)
-    assert "Traceback" not in err and "BrokenPipeError" not in err
+    plain = Experiment("plain", dict(train_mode="score_only", bn_affine=False, conv_sparsity=0.5,
+                                     rerand_mode="bernoulli"), dict(seed=[1, 2], lr=[0.1, 0.3]))
+    folders = Experiment("folders", {}, dict(dataset_dir=["a", "/abs/b"]))
+    assert [t["dataset_dir"] for t in all_trials(prepare([plain, folders]))] == \
+        [str(tmp_path / "data")] * 4 + [str(tmp_path / "a"), "/abs/b"]
+    fixed, _ = prepare([plain, folders], {"lr": 0.5, "dataset_dir": "d"}, smoke=True)
+    assert len(fixed) == 2 and "lr" not in fixed.grid
+    for t in fixed.trials():
+        assert t["lr"] == 0.5 and t["dataset_dir"] == str(tmp_path / "d")
+        assert {k: t[k] for k in SMOKE_TEST} == SMOKE_TEST and t["rerand_freq"] == 2
+    assert len(all_trials([plain, folders])) == 6
+    assert {t["dataset_dir"] for t in plain.trials()} == {"data"}  # the originals are untouched

@@ -1,11 +1,11 @@
-"""Networks of SPEC 4: check figures, structure, registry, forward/backward of every model."""
+"""Networks (docs/method.md): check figures, structure, registry, forward/backward of every model."""
 import pytest
 import torch
 import torch.nn as nn
 
 from iterand_tune.config import TrialConfig
-from iterand_tune.models import (Conv6, ResNet, count_parameters, create_model, is_known_model,
-                                 model_names)
+from iterand_tune.models import (Conv6, ResNet, count_parameters, create_model, estimate_macs,
+                                 is_known_model, model_names)
 from iterand_tune.supermask import SparseConv2d, SparseLinear, sparse_layers
 
 
@@ -13,7 +13,7 @@ def pruned_cfg(model="conv6x1.0", p=0.5, **kw):
     return TrialConfig(model=model, train_mode="score_only", conv_sparsity=p, bn_affine=False, **kw)
 
 
-def test_spec_check_figures():
+def test_check_figures_of_the_method():
     conv6 = create_model("conv6x1.0", pruned_cfg())
     assert count_parameters(conv6)["params_before_pruning"] == 2_262_602
     r18 = create_model("resnet18x1.0", pruned_cfg("resnet18x1.0", 0.6))
@@ -99,7 +99,7 @@ def test_init_mode_linear_only_changes_the_last_layer():
     assert torch.allclose(first.abs(), first.abs().max().expand_as(first))
 
 
-def test_registry_lists_every_spec_name():
+def test_registry_lists_every_paper_name():
     names = set(model_names())
     for family in ("conv6", "resnet18", "resnet34"):
         for w in ("0.25", "0.5", "1.0", "2.0"):
@@ -142,3 +142,12 @@ def test_forward_backward_large_models(name):
 def test_model_classes_are_plain_modules():
     assert isinstance(create_model("conv6x0.25"), Conv6)
     assert isinstance(create_model("resnet34x0.25"), ResNet)
+
+
+def test_estimate_macs_conv6_by_hand():
+    convs = [(32, 3, 64), (32, 64, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256),
+             (8, 256, 256)]  # (spatial size, C_in, C_out), 3x3 kernels, padding 1
+    linear = 256 * 4 * 4 * 256 + 256 * 256 + 256 * 10
+    by_hand = sum(h * h * cin * cout * 9 for h, cin, cout in convs) + linear
+    assert by_hand == 153_881_088
+    assert estimate_macs("conv6x1.0") == by_hand

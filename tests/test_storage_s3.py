@@ -1,0 +1,99 @@
+"""S3 storage for real: a local S3-compatible server (moto's, on 127.0.0.1), a run whose
+--storage-path is an s3:// URI with a query string (endpoint_override, scheme), its driver
+killed with SIGKILL after the first reported epoch, resumed from the same URI, and read back
+with `python -m analysis table` from that URI."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from analysis.cli import main as analysis_main
+from analysis.results import load_history, load_results
+from iterand_tune.storage import exists, is_search_run, join_path, newest_run
+
+from helpers import EDGEPOPUP, trial_states, wait_for, write_digits
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+EPOCHS = 3
+# Dummy credentials: the driver's environment, which the Ray workers it starts inherit.
+AWS = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+           AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")
+
+
+@pytest.fixture
+def s3_storage(monkeypatch, tmp_path):
+    """`s3://bucket/runs?endpoint_override=127.0.0.1:PORT&scheme=http` on a moto server."""
+    moto_server = pytest.importorskip("moto.server")
+    import pyarrow.fs as pafs
+
+    for key, value in AWS.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "RAY_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    # No credentials or settings of this machine's user reach the test.
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        query = f"endpoint_override={host}:{port}&scheme=http"
+        fs, _ = pafs.FileSystem.from_uri(f"s3://bucket?{query}&allow_bucket_creation=true")
+        fs.create_dir("bucket")
+        yield f"s3://bucket/runs?{query}"
+    finally:
+        server.stop()
+
+
+def test_s3_run_killed_resumed_and_read_back(s3_storage, tmp_path, capsys):
+    exp = write_digits(str(tmp_path), {"s3_edgepopup": EDGEPOPUP}, grid={"seed": [1, 2]},
+                       epochs=EPOCHS, batch_size=32, max_train_dataset_size=64)
+    name = "tiny-20260101-000000"
+    run = join_path(s3_storage, name)
+    assert run == s3_storage.replace("/runs?", f"/runs/{name}?")
+    # The driver starts a Ray of its own (`--address local`, not one `ray start` left running
+    # here), whose workers inherit the credentials of its environment.
+    cmd = [sys.executable, "-m", "iterand_tune", exp, "--address", "local",
+           "--storage-path", s3_storage, "--name", name, "--max-concurrent", "2"]
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def first_epoch_mid_run():
+        states = trial_states(run)
+        if any(e >= 1 for _, e in states.values()) and any(s != "TERMINATED" for s, _ in states.values()):
+            return states
+        return None
+
+    try:
+        states = wait_for(first_epoch_mid_run, proc, "the first reported epoch", timeout=240,
+                          show=lambda: (tmp_path / "driver.log").read_text()[-2000:])
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+        proc.wait()
+        log.close()
+    assert len(states) == 2
+
+    # The CLI's checks read the URI: the run exists, is not a search, is FILE's newest run.
+    assert exists(run) and not is_search_run(run)
+    assert newest_run(s3_storage, "tiny-") == name
+
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert f"resuming {name}" in done.stdout
+
+    assert analysis_main(["table", run, "--rows", "trials"]) == 0
+    out = capsys.readouterr().out
+    assert "2 trials: 2 finished" in out, out
+    trials = load_results(run)
+    assert list(trials["status"]) == ["finished", "finished"]
+    assert trials["test_acc"].notna().all()
+    history = load_history(run)
+    for _, rows in history.groupby("trial_id"):
+        assert list(rows["epoch"]) == list(range(1, EPOCHS + 1))  # every epoch once

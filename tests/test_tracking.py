@@ -1,0 +1,200 @@
+"""Experiment tracking: --mlflow and --wandb through Ray Tune's logger callbacks, and the
+TensorBoard files Ray Tune writes anyway. One small Ray run (two trials on digits) feeds the
+MLflow, W&B and TensorBoard checks; the one-line refusals and the helpers need no Ray."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+import iterand_tune.tracking as tracking
+from iterand_tune.cli import main
+from iterand_tune.tracking import (Tracking, mlflow_uri, trial_params, trial_tags,
+                                   wandb_mode, wandb_sync_command)
+
+from helpers import EDGEPOPUP, ITERAND, trial_dirs, trial_states, write_digits
+
+EPOCHS = 2
+RUN = "tracked"
+PROJECT = "iterand-test"
+
+
+# ------------------------------------------------------------------ without Ray
+
+@pytest.mark.parametrize("flag, module", [("--mlflow", "mlflow"), ("--wandb", "wandb")])
+def test_a_missing_package_is_one_line_before_anything_starts(tmp_path, monkeypatch, capsys,
+                                                               flag, module):
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec",
+                        lambda name, *a: None if name == module else real(name, *a))
+    monkeypatch.setattr("iterand_tune.cli._tune", lambda: pytest.fail("Ray Tune was started"))
+    exp = write_digits(str(tmp_path), {"tiny": EDGEPOPUP})
+    argv = [exp, "--storage-path", str(tmp_path / "r"), flag, *([PROJECT] if flag == "--wandb" else [])]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: {flag} needs the {module} package: pip install 'iterand_tune[{module}]'\n"
+    assert out == "" and not (tmp_path / "r").exists()
+
+
+def test_resume_keeps_the_tracking_a_run_began_with(tmp_path, capsys):
+    exp = write_digits(str(tmp_path), {"tiny": EDGEPOPUP})
+    assert main([exp, "--resume", "--name", "x", "--mlflow", "--wandb", PROJECT]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume continues a run with the tracking it began with")
+    assert err.endswith("drop --mlflow and --wandb\n")
+
+
+def test_mlflow_uri_makes_folders_absolute_file_stores(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert mlflow_uri("mlruns") == f"file://{tmp_path}/mlruns"
+    for uri in ("http://127.0.0.1:5000", "sqlite:///mlflow.db", "databricks", "file:///x/mlruns"):
+        assert mlflow_uri(uri) == uri
+    assert Tracking().callbacks("run") == []  # nothing asked: no callback, no import
+
+
+def test_wandb_is_offline_without_an_api_key(tmp_path, monkeypatch):
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert wandb_mode() == "offline"  # no netrc file
+    netrc.write_text("machine example.com login user password secret\n")
+    assert wandb_mode() == "offline"
+    netrc.write_text("machine api.wandb.ai login user password k3y\n")  # `wandb login`
+    assert wandb_mode() == "online"
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "k3y")
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the user's choice wins
+    assert wandb_mode() == "offline"
+
+
+def test_what_a_trial_logs():
+    config = dict(experiment="figure2_conv6_ku_iterand", model="conv6x0.5", seed=2, lr=0.1,
+                  train_mode="score_only", rerand_mode="bernoulli", rerand_lambda=0.1,
+                  init_mode="kaiming_uniform", lr_milestones=[50, 75])
+    params = trial_params(config)
+    assert "experiment" not in params and params["lr"] == 0.1 and params["lr_milestones"] == [50, 75]
+    assert trial_tags(config) == dict(experiment="figure2_conv6_ku_iterand", network="conv6",
+                                      width="0.5", model="conv6x0.5", method="iterand",
+                                      init="ku", seed="2")
+
+
+def test_wandb_sync_command_globs_many_runs():
+    folders = [f"/w/wandb/offline-run-20260101_000000-abcde_{i:05d}" for i in range(5)]
+    assert wandb_sync_command(folders[:2]) == "wandb sync " + " ".join(folders[:2])
+    assert wandb_sync_command(folders) == "wandb sync /w/wandb/offline-run-*-abcde_*"
+
+
+# ------------------------------------------------------------------ one tracked Ray run
+
+@pytest.fixture(scope="module")
+def tracked_run(ray_cluster, tmp_path_factory):
+    """Two trials (edge-popup and IteRand, 2 epochs each) run by a driver with --mlflow DIR and
+    --wandb PROJECT, without a W&B API key: (its folder, MLflow store, W&B root, stdout)."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    root = tmp_path_factory.mktemp("tracking")
+    exp = write_digits(str(root), {"tiny_edgepopup": EDGEPOPUP, "tiny_iterand": ITERAND},
+                       epochs=EPOCHS, batch_size=32, max_train_dataset_size=64)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("WANDB_", "MLFLOW_")) and k != "RAY_ADDRESS"}
+    env.update(NETRC=str(root / "no-netrc"),  # no `wandb login` either: offline
+               WANDB_CONFIG_DIR=str(root / "wandb-config"), WANDB_CACHE_DIR=str(root / "wandb-cache"),
+               WANDB_DATA_DIR=str(root / "wandb-data"), WANDB_SILENT="true")
+    cmd = [sys.executable, "-m", "iterand_tune", exp, "--address", ray_cluster,
+           "--storage-path", "results", "--name", RUN, "--mlflow", "mlruns", "--wandb", PROJECT,
+           "--max-concurrent", "2"]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return root / "results" / RUN, root / "mlruns", root, done.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_mlflow_gets_a_run_per_trial_with_params_metrics_and_tags(tracked_run, monkeypatch):
+    run_dir, store, _, _ = tracked_run
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"file://{store}")
+    experiment = client.get_experiment_by_name(RUN)  # the Ray Tune run is the MLflow experiment
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    dirs = {os.path.basename(d): d for d in trial_dirs(run_dir)}
+    assert sorted(runs) == sorted(dirs) and len(runs) == 2  # named after the trials
+    for name, r in runs.items():
+        with open(os.path.join(dirs[name], "params.json")) as f:
+            trial = json.load(f)["trial"]
+        assert r.info.status == "FINISHED"
+        params = r.data.params
+        assert "experiment" not in params and not any("/" in k for k in params)  # plain names
+        for key in ("lr", "model", "seed", "epochs", "conv_sparsity", "rerand_mode"):
+            assert params[key] == str(trial[key]), key
+        tags = r.data.tags
+        assert tags["experiment"] == trial["experiment"]
+        assert (tags["model"], tags["init"], tags["seed"]) == ("conv6x0.25", "ku", str(trial["seed"]))
+        assert tags["method"] == trial["experiment"].split("_")[1]  # tiny_edgepopup, tiny_iterand
+        assert tags["trial_id"] == name.rsplit("-", 1)[1]
+        history = client.get_metric_history(r.info.run_id, "val_acc")
+        assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))  # every epoch
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "test_acc")] == [EPOCHS]
+        assert "node_id" not in r.data.metrics and "config/trial/lr" not in r.data.metrics
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_wandb_saves_one_offline_run_per_trial(tracked_run):
+    run_dir, _, root, stdout = tracked_run
+    ids = sorted(trial_states(run_dir))
+    offline = sorted(glob.glob(str(root / "wandb" / "offline-run-*")))
+    assert sorted(p.rsplit("-", 1)[1] for p in offline) == ids  # W&B's run id: the trial id
+    for folder in offline:
+        assert glob.glob(os.path.join(folder, "run-*.wandb")), os.listdir(folder)
+    line = next(l for l in stdout.splitlines() if "wandb sync" in l)
+    assert line.endswith("wandb sync " + " ".join(offline))
+
+
+def _event_scalars(path: str) -> dict[str, list[float]]:
+    """tag -> values of a TensorBoard event file (TFRecord framing; tensorboardX's protobufs)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list[float]] = {}
+    with open(path, "rb") as f:
+        data = f.read()
+    at = 0
+    while at + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        event = Event.FromString(data[at + 12:at + 12 + length])  # after length and its CRC
+        at += 12 + length + 4                                     # the record and its CRC
+        for value in event.summary.value:
+            out.setdefault(value.tag, []).append(value.simple_value)
+    return out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tensorboard_event_files_hold_val_acc(tracked_run):
+    run_dir, _, _, _ = tracked_run
+    for d in trial_dirs(run_dir):
+        (events,) = glob.glob(os.path.join(d, "events.out.tfevents.*"))
+        scalars = _event_scalars(events)
+        assert len(scalars["ray/tune/val_acc"]) == EPOCHS, sorted(scalars)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_run_keeps_its_tracking_callbacks_for_a_resume(tracked_run):
+    """Ray Tune pickles the callbacks into tuner.pkl; ours by name (built on first use, here by
+    the unpickling), so a resume restores them."""
+    import ray.cloudpickle
+
+    run_dir, _, _, _ = tracked_run
+    with open(run_dir / "tuner.pkl", "rb") as f:
+        callbacks = ray.cloudpickle.load(f)["_run_config"].callbacks
+    kinds = {type(c) for c in callbacks}
+    assert {tracking.MLflowCallback, tracking.WandbCallback} <= kinds
