@@ -43,9 +43,24 @@ def _number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class _Range(Domain):
-    """A float in [low, high]; subclasses say how it is drawn."""
+    """A float in [low, high], drawn by Ray Tune's `_draw` (`loguniform`, `uniform`); a log
+    scale needs low > 0."""
     low: float
     high: float
+    _draw = ""
+    _label = ""
+
+    def __post_init__(self) -> None:
+        positive = self._draw != "loguniform" or (_number(self.low) and self.low > 0)
+        if not (_number(self.low) and _number(self.high) and self.low < self.high and positive):
+            rule = "0 < low < high" if self._draw == "loguniform" else "low < high"
+            raise ExperimentError(f"{type(self).__name__}({self.low!r}, {self.high!r}) needs {rule}")
+
+    def to_tune(self) -> Any:
+        return getattr(_ray_tune(), self._draw)(self.low, self.high)
+
+    def describe(self) -> str:
+        return f"{self._label}({self.low:g}, {self.high:g})"
 
     def examples(self) -> list:
         return [self.low, self.high]
@@ -54,34 +69,14 @@ class _Range(Domain):
         return min(max(value, self.low), self.high)
 
 
-@dataclass(frozen=True)
 class LogUniform(_Range):
     """A float drawn log-uniformly from [low, high] (learning rates, weight decay)."""
-
-    def __post_init__(self) -> None:
-        if not (_number(self.low) and _number(self.high) and 0 < self.low < self.high):
-            raise ExperimentError(f"LogUniform({self.low!r}, {self.high!r}) needs 0 < low < high")
-
-    def to_tune(self) -> Any:
-        return _ray_tune().loguniform(self.low, self.high)
-
-    def describe(self) -> str:
-        return f"log-uniform({self.low:g}, {self.high:g})"
+    _draw, _label = "loguniform", "log-uniform"
 
 
-@dataclass(frozen=True)
 class Uniform(_Range):
     """A float drawn uniformly from [low, high] (sparsity, re-randomisation rate)."""
-
-    def __post_init__(self) -> None:
-        if not (_number(self.low) and _number(self.high) and self.low < self.high):
-            raise ExperimentError(f"Uniform({self.low!r}, {self.high!r}) needs low < high")
-
-    def to_tune(self) -> Any:
-        return _ray_tune().uniform(self.low, self.high)
-
-    def describe(self) -> str:
-        return f"uniform({self.low:g}, {self.high:g})"
+    _draw, _label = "uniform", "uniform"
 
 
 @dataclass(frozen=True)
