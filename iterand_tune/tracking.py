@@ -120,6 +120,14 @@ def epoch_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 # ------------------------------------------------------------------ the callbacks
 
+def _started(callback: Any) -> dict:
+    """The trials a Ray Tune logger callback has started (trial -> its run or queue). Ray 2.60
+    keeps them in private attributes, `_trial_runs` (MLflowLoggerCallback) and `_trial_queues`
+    (WandbLoggerCallback): the one place this project reads Ray's private state, so that a
+    trial that never started is not ended twice; setup.cfg caps Ray at the version tested."""
+    return getattr(callback, "_trial_runs" if hasattr(callback, "_trial_runs") else "_trial_queues")
+
+
 def _mlflow_callback() -> type:
     from ray.tune.logger.mlflow import MLflowLoggerCallback  # imports mlflow: only with --mlflow
 
@@ -136,7 +144,7 @@ def _mlflow_callback() -> type:
             super().setup(*args, **kwargs)
 
         def log_trial_start(self, trial: Any) -> None:
-            if trial in self._trial_runs:
+            if trial in _started(self):
                 return
             config = _trial_config(trial)
             run_id = self._earlier_run(trial.trial_id)
@@ -144,18 +152,18 @@ def _mlflow_callback() -> type:
                 tags = {**self.tags, **trial_tags(config), "trial_id": trial.trial_id,
                         "trial_name": str(trial)}
                 run_id = self.mlflow_util.start_run(run_name=str(trial), tags=tags).info.run_id
-            self._trial_runs[trial] = run_id
+            _started(self)[trial] = run_id
             self.mlflow_util.log_params(run_id=run_id, params_to_log=trial_params(config))
 
         def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
-            if trial not in self._trial_runs:
+            if trial not in _started(self):
                 self.log_trial_start(trial)
             step = result.get("epoch") or result.get("training_iteration") or iteration
-            self.mlflow_util.log_metrics(run_id=self._trial_runs[trial],
+            self.mlflow_util.log_metrics(run_id=_started(self)[trial],
                                          metrics_to_log=epoch_metrics(result), step=int(step))
 
         def log_trial_end(self, trial: Any, failed: bool = False) -> None:
-            if trial in self._trial_runs:  # Ray's raises KeyError for a trial that never started
+            if trial in _started(self):  # Ray's raises KeyError for a trial that never started
                 super().log_trial_end(trial, failed=failed)
 
         def _earlier_run(self, trial_id: str) -> Optional[str]:
@@ -210,7 +218,7 @@ def _wandb_callback() -> type:
 
         def log_trial_end(self, trial: Any, failed: bool = False) -> None:
             # Ray's raises KeyError for a trial that never started (no logging actor, no queue).
-            if trial in self._trial_queues:
+            if trial in _started(self):
                 super().log_trial_end(trial, failed=failed)
 
     return WandbCallback
