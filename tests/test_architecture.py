@@ -24,6 +24,9 @@ LEAVES = {"storage": {"vocabulary"}, "terminal": {"vocabulary"}, "vocabulary": s
 # Imports inside functions: (module, imported name) -> why (each line also says so in a comment).
 LATE_IMPORTS = {
     ("data.readers", "sklearn.datasets.load_digits"): "a slow import, only for digits",
+    ("data.readers", "torchvision.datasets"): "a slow import (about 2 s), only for files on disk",
+    ("data.readers", "torchvision.datasets.utils"): "the same package",
+    ("data.augment", "torchvision.transforms"): "the same slow import, only for ImageNet",
     ("resources", "ray"): "GPU machines without Ray use claim_resources and gpu_share",
     ("resources", "ray.util.scheduling_strategies"): "the same; a submodule ray does not load",
     ("search_space", "ray.tune"): "experiment files load without Ray",

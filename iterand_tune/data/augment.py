@@ -12,7 +12,6 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision import transforms as T
 
 from ..vocabulary import DatasetInfo
 from .readers import DataError, dataset_info
@@ -50,6 +49,8 @@ def train_augmentation(name: str, padding_before_crop: bool) -> AugmentSpec:
 def imagenet_transforms(info: DatasetInfo) -> tuple[Any, Any]:
     """(train, eval) per-image torchvision transforms of ImageNet folders: random-resized-crop + flip
     for training, resize 256 + centre crop for evaluation, both normalised."""
+    from torchvision import transforms as T  # a slow import (torch._dynamo): only for ImageNet
+
     norm = T.Normalize(info.mean, info.std)
     train_tf = T.Compose([T.RandomResizedCrop(info.image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     eval_tf = T.Compose([T.Resize(256), T.CenterCrop(info.image_size), T.ToTensor(), norm])

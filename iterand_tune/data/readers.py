@@ -17,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from filelock import FileLock
-from torchvision.datasets import CIFAR10, CIFAR100, MNIST, ImageFolder
-from torchvision.datasets.utils import check_integrity, extract_archive
 
 from ..vocabulary import DATASETS, DatasetInfo
 
@@ -98,12 +96,22 @@ def _locked(root: str, name: str, fetch: Callable[[], Any]) -> None:
         socket.setdefaulttimeout(previous)
 
 
+def _torchvision() -> Any:
+    """torchvision.datasets (its dataset classes, and `utils` for md5 checks and archives),
+    imported on first use: importing torchvision takes about 2 s, half a trial process's start,
+    and only CIFAR, MNIST and ImageNet folders need it (digits and synthetic data do not)."""
+    import torchvision.datasets  # a slow import (it loads torch._dynamo): only for files on disk
+    import torchvision.datasets.utils  # the same package; named so that `.utils` is loaded
+
+    return torchvision.datasets
+
+
 # --------------------------------------------------------------------------------------------
 # CIFAR-10 / CIFAR-100
 # --------------------------------------------------------------------------------------------
 
 
-def _cifar_class(cls: type[CIFAR10], verify: bool, only: str | None = None) -> type[CIFAR10]:
+def _cifar_class(cls: type, verify: bool, only: str | None = None) -> type:
     """torchvision's `cls`, optionally narrowed to the one batch file `only` (read as its training
     split) and/or with its md5 checks off. The one place that bends torchvision's class, and only
     through its public class attributes (train_list, test_list, meta):
@@ -128,7 +136,7 @@ def _cifar_class(cls: type[CIFAR10], verify: bool, only: str | None = None) -> t
 
 
 def _read_cifar_file(
-    cls: type[CIFAR10], root: str, name: str, md5: str, num_classes: int, verify: bool
+    cls: type, root: str, name: str, md5: str, num_classes: int, verify: bool
 ) -> tuple[Tensor, Tensor]:
     path = os.path.join(root, cls.base_folder, name)
     meta_path = os.path.join(root, cls.base_folder, cls.meta["filename"])
@@ -138,7 +146,7 @@ def _read_cifar_file(
         # torchvision says "not found or corrupted" for either file it checks: name the one that fails.
         if isinstance(err, RuntimeError) and verify:
             for bad, expected in ((path, md5), (meta_path, cls.meta["md5"])):
-                if not check_integrity(bad, expected):
+                if not _torchvision().utils.check_integrity(bad, expected):
                     raise DataError(
                         f"{bad} fails its md5 check (corrupt or not the official file): {_REDOWNLOAD_HINT}"
                     ) from None
@@ -154,12 +162,14 @@ def _read_cifar_file(
 
 
 def _load_cifar(
-    cls: type[CIFAR10], title: str, num_classes: int, root: str | os.PathLike, download: bool, verify: bool
+    name: str, title: str, num_classes: int, root: str | os.PathLike, download: bool, verify: bool
 ) -> Arrays:
+    """`name`: torchvision's class, CIFAR10 or CIFAR100."""
+    cls = getattr(_torchvision(), name)
     root = resolve_root(root)
     folder = os.path.join(root, cls.base_folder)
     names = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    batches = "data_batch_1..5, test_batch" if cls is CIFAR10 else "train, test"
+    batches = "data_batch_1..5, test_batch" if name == "CIFAR10" else "train, test"
     expected = f"{cls.base_folder}/{batches}, {cls.meta['filename']}"
 
     def missing() -> list[str]:
@@ -197,12 +207,12 @@ def load_cifar10(root: str | os.PathLike, *, download: bool = False, verify: boo
     """CIFAR-10 from root/cifar-10-batches-py: (train_x, train_y, test_x, test_y), uint8 NCHW and int64.
 
     verify=False skips the md5 checks against the official files (for tests' tiny files)."""
-    return _load_cifar(CIFAR10, "CIFAR-10", 10, root, download, verify)
+    return _load_cifar("CIFAR10", "CIFAR-10", 10, root, download, verify)
 
 
 def load_cifar100(root: str | os.PathLike, *, download: bool = False, verify: bool = True) -> Arrays:
     """CIFAR-100 (fine labels) from root/cifar-100-python: (train_x, train_y, test_x, test_y)."""
-    return _load_cifar(CIFAR100, "CIFAR-100", 100, root, download, verify)
+    return _load_cifar("CIFAR100", "CIFAR-100", 100, root, download, verify)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +222,7 @@ def load_cifar100(root: str | os.PathLike, *, download: bool = False, verify: bo
 
 def _mnist_files(raw: str) -> list[tuple[str, str, str]]:
     """(.gz path, unpacked path, md5 of the .gz) of each MNIST resource; torchvision reads the unpacked."""
-    return [(os.path.join(raw, gz), os.path.join(raw, gz[: -len(".gz")]), md5) for gz, md5 in MNIST.resources]
+    return [(os.path.join(raw, gz), os.path.join(raw, gz[: -len(".gz")]), md5) for gz, md5 in _torchvision().MNIST.resources]
 
 
 def _unpack_mnist(raw: str) -> None:
@@ -226,7 +236,7 @@ def _unpack_mnist(raw: str) -> None:
         except OSError as err:
             raise DataError(f"cannot unpack {gz} ({_describe(err)}): gunzip the MNIST files by hand") from None
         try:
-            os.replace(extract_archive(gz, scratch), plain)
+            os.replace(_torchvision().utils.extract_archive(gz, scratch), plain)
         except Exception as err:
             raise DataError(f"{gz} is unreadable ({_describe(err)}): {_REDOWNLOAD_HINT}") from None
         finally:
@@ -242,7 +252,7 @@ def load_mnist(root: str | os.PathLike, *, download: bool = False, verify: bool 
         # torchvision checks a .gz's md5 only while downloading it; check those on disk as well.
         # (Unpacked files have no official md5: a damaged one fails to parse below.)
         for gz, _, md5 in files:
-            if os.path.isfile(gz) and not check_integrity(gz, md5):
+            if os.path.isfile(gz) and not _torchvision().utils.check_integrity(gz, md5):
                 raise DataError(f"{gz} fails its md5 check (corrupt or not the official file): {_REDOWNLOAD_HINT}")
 
     def absent() -> list[tuple[str, str, str]]:
@@ -252,7 +262,7 @@ def load_mnist(root: str | os.PathLike, *, download: bool = False, verify: bool 
         # torchvision's download() keeps (and unpacks) any official .gz already there, skips
         # everything when another process finished while we waited, and tries each mirror.
         try:
-            MNIST(root, train=False, download=True)
+            _torchvision().MNIST(root, train=False, download=True)
         except Exception as err:
             raise DataError(
                 f"could not download MNIST into {raw} ({_describe(err)}): "
@@ -275,7 +285,7 @@ def load_mnist(root: str | os.PathLike, *, download: bool = False, verify: bool 
         img_path = os.path.join(raw, f"{prefix}-images-idx3-ubyte")
         lbl_path = os.path.join(raw, f"{prefix}-labels-idx1-ubyte")
         try:
-            ds = MNIST(root, train=train)
+            ds = _torchvision().MNIST(root, train=train)
         except Exception as err:  # torchvision reads the two files together: name both
             raise DataError(
                 f"{img_path} or {lbl_path} is unreadable ({_describe(err)}): "
@@ -422,11 +432,12 @@ def require_imagenet_folders(root: str | os.PathLike) -> None:
 
 def imagenet_folders(
     root: str | os.PathLike, train_transform: Callable, eval_transform: Callable
-) -> tuple[ImageFolder, ImageFolder, ImageFolder]:
+) -> tuple[Any, Any, Any]:
     """(train with train_transform, the same train images with eval_transform, val as the test set)
-    of root/{train,val}/<class>/*; DataError if missing, unreadable or the class folders differ."""
+    of root/{train,val}/<class>/*, as torchvision ImageFolders; DataError if missing, unreadable or the class folders differ."""
     root = resolve_root(root)
     require_imagenet_folders(root)
+    ImageFolder = _torchvision().ImageFolder
     try:
         train_aug = ImageFolder(os.path.join(root, "train"), transform=train_transform)
         train_eval = ImageFolder(os.path.join(root, "train"), transform=eval_transform)
