@@ -23,7 +23,7 @@ LEAVES = {"storage": {"vocabulary"}, "terminal": {"vocabulary"}, "vocabulary": s
 
 # Imports inside functions: (module, imported name) -> why (each line also says so in a comment).
 LATE_IMPORTS = {
-    ("data.readers", "sklearn.datasets.load_digits"): "a slow import, only for digits",
+    ("data.readers", "sklearn.datasets.load_digits"): "a slow import, only if sklearn moved its digits file",
     ("data.readers", "torchvision.datasets"): "a slow import (about 2 s), only for files on disk",
     ("data.readers", "torchvision.datasets.utils"): "the same package",
     ("data.augment", "torchvision.transforms"): "the same slow import, only for ImageNet",

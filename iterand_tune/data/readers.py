@@ -5,6 +5,8 @@ set, the ImageNet folder layout, and the fixed seed-777 train/validation splits.
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import os
 import shutil
 import socket
@@ -306,19 +308,35 @@ def load_mnist(root: str | os.PathLike, *, download: bool = False, verify: bool 
 # --------------------------------------------------------------------------------------------
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's digits as (images float [1797, 8, 8] in 0..16, labels int [1797]), as
+    sklearn.datasets.load_digits gives them. Read straight from the CSV that scikit-learn ships
+    inside its package, as that function reads it (np.loadtxt of sklearn/datasets/data/
+    digits.csv.gz, the label last): importing sklearn.datasets costs 1.5 s, most of a digits trial
+    process's start. If a scikit-learn release moves the file, its own loader is used."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") if spec else ""
+    if os.path.isfile(path):
+        with gzip.open(path, mode="rt", encoding="utf-8") as f:
+            data = np.loadtxt(f, delimiter=",")
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
+    from sklearn.datasets import load_digits as sklearn_digits  # slow import: only if the file moved
+
+    bunch = sklearn_digits()
+    return bunch.images, bunch.target
+
+
 def load_digits() -> Arrays:
     """sklearn's 1,797 8x8 digits upsampled to 32x32 uint8 RGB, split by a seed-777 permutation.
 
     Returns (train_x, train_y, test_x, test_y): train holds the first 1,257 + 180 images of the
     permutation (load_splits takes the last 180 as validation, in this order), test the last 360.
     """
-    from sklearn.datasets import load_digits as sklearn_digits  # slow import, only when asked for
-
-    bunch = sklearn_digits()
-    images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32)).unsqueeze(1) / 16.0
+    images, target = _digits_arrays()
+    images = torch.from_numpy(np.asarray(images, dtype=np.float32)).unsqueeze(1) / 16.0
     images = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
     x = (images * 255.0).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    y = torch.from_numpy(np.asarray(target, dtype=np.int64))
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
     n_train_val = DIGITS_SPLIT[0] + DIGITS_SPLIT[1]
     train, test = perm[:n_train_val], perm[n_train_val:]
