@@ -49,7 +49,7 @@ def kill_run(cluster, tmp_path_factory):
     folder = tmp_path_factory.mktemp("kill")
     exp = write_digits(str(folder), {"victim": ITERAND, "reference": ITERAND,
                                      "nodata": dict(ITERAND, dataset="cifar10", dataset_download=False)},
-                       file="multi.py", epochs=4)
+                       file="multi.py", epochs=4, max_train_dataset_size=640)  # 10 iterations an epoch
     run_dir, absent = folder / "shared" / "kill", folder / "absent"
     with open(folder / "out.txt", "w") as out, open(folder / "err.txt", "w") as err:
         proc = subprocess.Popen(driver(exp, c.address, folder / "shared", "kill", "--data-dir",
@@ -94,26 +94,35 @@ def test_worker_node_lost_mid_run(cluster, tmp_path):
     result and checkpoint in one storage folder, the storage visibility probe cleaned up."""
     c, workers = cluster
     exp = write_digits(str(tmp_path), {"moved": ITERAND}, grid=dict(seed=[1, 2, 3, 4]),
-                       file="multi.py", epochs=4)
+                       file="multi.py", epochs=4, max_train_dataset_size=640)  # 10 iterations an epoch
     storage = tmp_path / "shared"
     # Half a GPU each: two trials per worker node.
     proc = subprocess.Popen(driver(exp, c.address, storage, "lost", "--gpus-per-trial", "0.5"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = storage / "lost"
-    doomed = workers[1]
-    on_doomed = lambda: [d for d in trial_dirs(run_dir)  # noqa: E731
-                         if any(r["node_id"] == doomed.node_id for r in result_rows(d))]
+
+    def a_node_to_lose():
+        """(worker, its trial folders) once every trial has reported an epoch, for a worker
+        whose two trials are both still running."""
+        dirs = trial_dirs(run_dir)
+        if len(dirs) < 4 or not all(result_rows(d) for d in dirs):
+            return None
+        for w in workers:
+            mine = [d for d in dirs if result_rows(d)[0]["node_id"] == w.node_id]
+            if len(mine) == 2 and all(len(result_rows(d)) < 4 for d in mine):
+                return w, mine
+        return None
+
     try:
-        wait_for(lambda: len(trial_dirs(run_dir)) == 4 and all(result_rows(d) for d in trial_dirs(run_dir))
-                 and len(on_doomed()) == 2 and all(len(result_rows(d)) < 4 for d in on_doomed()),
-                 proc, "one epoch of every trial, two of them on the doomed node")
-        doomed_trials = on_doomed()
+        doomed, doomed_trials = wait_for(a_node_to_lose, proc, "one epoch of every trial, and a "
+                                         "worker whose two trials are both still running")
         c.remove_node(doomed)
         assert proc.wait(timeout=900) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-        workers[1] = c.add_node(num_cpus=2, num_gpus=1)  # give later tests their second worker
+    survivor = next(w for w in workers if w is not doomed)
+    workers[workers.index(doomed)] = c.add_node(num_cpus=2, num_gpus=1)  # two workers again
     first_nodes = set()
     for d in trial_dirs(run_dir):
         r = result_rows(d)
@@ -121,12 +130,12 @@ def test_worker_node_lost_mid_run(cluster, tmp_path):
         assert "test_acc" in r[-1]
         assert glob.glob(os.path.join(d, "checkpoint_*", "trainer.pt"))
         first_nodes.add(r[0]["node_id"])
-    assert first_nodes == {workers[0].node_id, doomed.node_id}  # both workers, not the head
+    assert first_nodes == {survivor.node_id, doomed.node_id}  # both workers, not the head
     assert not glob.glob(str(storage / ".iterand_tune_probe_*"))  # the visibility probe is gone
     moved = 0
     for d in doomed_trials:  # continued on the surviving node, from the epoch after its checkpoint
         nodes = [x["node_id"] for x in result_rows(d)]
-        k = nodes.index(workers[0].node_id) if workers[0].node_id in nodes else len(nodes)
-        assert set(nodes[:k]) == {doomed.node_id} and set(nodes[k:]) <= {workers[0].node_id}
+        k = nodes.index(survivor.node_id) if survivor.node_id in nodes else len(nodes)
+        assert set(nodes[:k]) == {doomed.node_id} and set(nodes[k:]) <= {survivor.node_id}
         moved += k < len(nodes)
     assert moved >= 1  # at least one trial was cut off by the node loss and moved
