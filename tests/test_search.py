@@ -192,13 +192,13 @@ def _searcher_state(run_dir):
 
 @pytest.fixture(scope="module")
 def killed_search(ray_cluster, tmp_path_factory):
-    """One real search of the two points, three trials each, ASHA from epoch 1, two trials at a
+    """One real search of the two points, two trials each, ASHA from epoch 1, two trials at a
     time, whose driver is killed with SIGKILL part-way (one trial done, another running) and
     then resumed to the end. Both tests below read it."""
     folder = tmp_path_factory.mktemp("search")
     exp = write_search_file(folder, epochs=3)
     run_dir = folder / "r" / "killed"
-    argv = [exp, "--search", "--num-samples", "3", "--grace-period", "1", "--reduction-factor", "2",
+    argv = [exp, "--search", "--num-samples", "2", "--grace-period", "1", "--reduction-factor", "2",
             "--address", ray_cluster, "--storage-path", str(folder / "r"), "--name", "killed",
             "--cpus-per-trial", "0.5", "--max-concurrent", "2"]
 
@@ -219,12 +219,12 @@ def test_search_killed_and_resumed_completes(killed_search):
     run_dir = killed_search.run_dir
     assert not killed_search.written_before_resume
     trials = run_rows(run_dir)
-    assert len(trials) == 6  # the budget, not more: the searcher resumed with its state
+    assert len(trials) == 4  # the budget, not more: the searcher resumed with its state
     for tid, rows in trials.items():
         epochs = [r["epoch"] for r in rows]
         assert sorted(set(epochs)) == list(range(1, max(epochs) + 1)), (tid, epochs)
     state = _searcher_state(run_dir)
-    assert state["issued"] == {"tiny_good": 3, "tiny_bad": 3}
+    assert state["issued"] == {"tiny_good": 2, "tiny_bad": 2}
     assert sorted(r["point"] for r in read_best_configs(str(run_dir))) == ["tiny_bad", "tiny_good"]
 
 
@@ -233,18 +233,18 @@ def test_search_of_two_points_keeps_them_apart(killed_search, capsys):
     run_dir, out = killed_search.run_dir, killed_search.out
     trials = run_rows(run_dir)
     point_of = {tid: rows[-1]["config"][POINT_KEY] for tid, rows in trials.items()}
-    assert sorted(point_of.values()) == ["tiny_bad"] * 3 + ["tiny_good"] * 3
+    assert sorted(point_of.values()) == ["tiny_bad"] * 2 + ["tiny_good"] * 2
     for tid, rows in trials.items():
         assert all("test_acc" not in r for r in rows)  # the test set is never touched
         assert rows[-1]["config"]["trial"]["seed"] == 1
         assert rows[-1]["config"]["trial"]["experiment"] == point_of[tid]
 
     state = _searcher_state(run_dir)
-    # Each point's TPE saw its own three trials, and nothing else.
+    # Each point's TPE saw its own two trials, and nothing else.
     for name in ("tiny_good", "tiny_bad"):
         mine = {t for t, p in state["owner"].items() if p == name}
         assert mine == {t for t, p in point_of.items() if p == name}
-        assert len(state["tpe"][name]["_hpopt_trials"].trials) == 3
+        assert len(state["tpe"][name]["_hpopt_trials"].trials) == 2
     # Each point's ASHA ranked only its own trials: the hopeless point never stopped a good one.
     for name, asha in state["scheduler"]["asha"].items():
         recorded = {t for _, rung in asha["_brackets"][0]._rungs for t in rung}
