@@ -3,12 +3,12 @@ TensorBoard files Ray Tune writes anyway. One small Ray run (two trials on digit
 MLflow, W&B and TensorBoard checks; the one-line refusals and the helpers need no Ray."""
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import pytest
 
@@ -95,24 +95,33 @@ def test_wandb_sync_command_globs_many_runs():
 
 @pytest.fixture(scope="module")
 def tracked_run(ray_cluster, tmp_path_factory):
-    """Two trials (edge-popup and IteRand, 2 epochs each) run by a driver with --mlflow DIR and
-    --wandb PROJECT, without a W&B API key: (its folder, MLflow store, W&B root, stdout)."""
+    """Two trials (edge-popup and IteRand, 2 epochs each) run through the CLI in this process
+    with --mlflow DIR and --wandb PROJECT, without a W&B API key: (its folder, MLflow store,
+    W&B root, stdout). The environment (and the working folder) is restored afterwards."""
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
     root = tmp_path_factory.mktemp("tracking")
     exp = write_digits(str(root), {"tiny_edgepopup": EDGEPOPUP, "tiny_iterand": ITERAND},
                        epochs=EPOCHS, batch_size=32, max_train_dataset_size=64)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("WANDB_", "MLFLOW_")) and k != "RAY_ADDRESS"}
-    env.update(NETRC=str(root / "no-netrc"),  # no `wandb login` either: offline
-               WANDB_CONFIG_DIR=str(root / "wandb-config"), WANDB_CACHE_DIR=str(root / "wandb-cache"),
-               WANDB_DATA_DIR=str(root / "wandb-data"), WANDB_SILENT="true")
-    cmd = [sys.executable, "-m", "iterand_tune", exp, "--address", ray_cluster,
-           "--storage-path", "results", "--name", RUN, "--mlflow", "mlruns", "--wandb", PROJECT,
-           "--max-concurrent", "2"]
-    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return root / "results" / RUN, root / "mlruns", root, done.stdout
+    argv = [exp, "--address", ray_cluster, "--storage-path", "results", "--name", RUN,
+            "--mlflow", "mlruns", "--wandb", PROJECT, "--max-concurrent", "2"]
+    saved, out, here = dict(os.environ), io.StringIO(), os.getcwd()
+    try:
+        for key in [k for k in os.environ if k.startswith(("WANDB_", "MLFLOW_"))]:
+            del os.environ[key]
+        os.environ.update(NETRC=str(root / "no-netrc"),  # no `wandb login` either: offline
+                          WANDB_CONFIG_DIR=str(root / "wandb-config"),
+                          WANDB_CACHE_DIR=str(root / "wandb-cache"),
+                          WANDB_DATA_DIR=str(root / "wandb-data"), WANDB_SILENT="true")
+        os.chdir(root)  # the relative --storage-path and --mlflow folder are made absolute here
+        with contextlib.redirect_stdout(out):
+            rc = main(argv)
+    finally:
+        os.chdir(here)
+        os.environ.clear()  # whatever the run or the tracking libraries set goes too
+        os.environ.update(saved)
+    assert rc == 0, out.getvalue()[-3000:]
+    return root / "results" / RUN, root / "mlruns", root, out.getvalue()
 
 
 @pytest.mark.ray
