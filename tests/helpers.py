@@ -143,6 +143,21 @@ def trial_states(run_dir) -> dict[str, tuple[str, int]]:
             for tid, s in experiment_state(fs, root).items()}
 
 
+def trained_here(trial: Mapping[str, Any]) -> list[dict]:
+    """The reports of `trial` (an Experiment.trials() dict) trained to its end in this process,
+    uninterrupted and without Ray, on one thread as a trial on half a CPU trains there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(TrialConfig.from_dict({k: v for k, v in trial.items() if k != "experiment"}))
+        reports = []
+        while not trainer.done:
+            reports.append(trainer.train_epoch())
+        return reports
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------ drivers killed and resumed
 
 def wait_for(predicate: Callable[[], Any], proc: subprocess.Popen, what: str,

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-import torch
 
 import iterand_tune.tune as tune_module
 from analysis.figures import _missing_note
@@ -29,6 +28,8 @@ from iterand_tune.experiments import Experiment, load, prepare
 from iterand_tune.storage import TRIAL_KEY
 from iterand_tune.training import Trainer
 from iterand_tune.tune import RunSummary
+
+from helpers import trained_here
 
 # A learning rate of 1e6 with dense SGD on digits turns the loss to NaN in the first epoch.
 BLOW_UP = dict(dataset="digits", model="conv6x0.25", train_mode="normal", lr=1e6, batch_size=32,
@@ -166,20 +167,10 @@ def table_of(out: str) -> str:
 
 def uninterrupted(experiments) -> RunSummary:
     """The summary of a run of `experiments` that nothing interrupted: every trial trained to its
-    end here, without Ray, on one thread as a trial on half a CPU trains (claim_resources)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        results = []
-        for e in experiments:
-            for trial in e.trials():
-                trainer = Trainer(TrialConfig.from_dict({k: v for k, v in trial.items() if k != "experiment"}))
-                while not trainer.done:
-                    metrics = trainer.train_epoch()
-                results.append(SimpleNamespace(config={TRIAL_KEY: trial}, metrics=metrics,
-                                               error=None, path=""))
-    finally:
-        torch.set_num_threads(threads)
+    end here, without Ray (helpers.trained_here)."""
+    results = [SimpleNamespace(config={TRIAL_KEY: trial}, metrics=trained_here(trial)[-1],
+                               error=None, path="")
+               for e in experiments for trial in e.trials()]
     return RunSummary.from_results(results, "", 0.0, experiments)
 
 
