@@ -182,7 +182,7 @@ def _read_run(path: PathLike) -> list[_Trial]:
 
     # Object stores answer slowly but in parallel: read the trials' files concurrently.
     with ThreadPoolExecutor(max_workers=16) as pool:
-        trials = _one_per_trial([t for t in pool.map(read, folders) if t is not None], by_logdir)
+        trials = _one_per_trial([t for t in pool.map(read, folders) if t is not None])
     known = {t.trial_id for t in trials}
     for t in trials:
         if t.trial_id in state:
@@ -202,26 +202,17 @@ def _read_run(path: PathLike) -> list[_Trial]:
     return sorted(trials, key=lambda t: t.trial_id)  # Ray numbers trials in grid order
 
 
-def _one_per_trial(trials: list[_Trial], by_logdir: dict[str, str]) -> list[_Trial]:
-    """Folders of the same trial as one trial. Ray Tune 2.60 can continue a trial that was
-    running when its driver was killed in a second folder, NAME_xxxx, after a resume: its
-    reports are those of both folders in time order; its folder is the one Ray Tune recorded."""
-    groups: dict[str, list[_Trial]] = {}
+def _one_per_trial(trials: list[_Trial]) -> list[_Trial]:
+    """One folder per trial id. After a killed driver's run is resumed, Ray Tune 2.60 can start
+    a grid point again as a new trial with the same id, in a second folder NAME_xxxx: the same
+    configuration run twice. The folder whose last report is newest is read; the other is left."""
+    newest: dict[str, _Trial] = {}
     for t in trials:
-        groups.setdefault(t.trial_id, []).append(t)
-    out = []
-    for parts in groups.values():
-        if len(parts) == 1:
-            out.append(parts[0])
-            continue
-        parts.sort(key=lambda t: t.rows[0].get("timestamp", 0) if t.rows else 0)
-        main = next((t for t in parts if os.path.basename(t.folder or "") in by_logdir), parts[-1])
-        errors = [t for t in parts if t.has_error_file]
-        out.append(_Trial(main.trial_id, main.folder, main.display,
-                          next((t.config for t in reversed(parts) if t.config), {}),
-                          [r for t in parts for r in t.rows],
-                          has_error_file=bool(errors), error=errors[-1].error if errors else None))
-    return out
+        last = t.rows[-1].get("timestamp", 0) if t.rows else 0
+        kept = newest.get(t.trial_id)
+        if kept is None or last > (kept.rows[-1].get("timestamp", 0) if kept.rows else 0):
+            newest[t.trial_id] = t
+    return list(newest.values())
 
 
 def _looks_like_run(fs: pafs.FileSystem, folder: str) -> bool:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import AWS, ITERAND, NO_AWS, trial_dirs, write_digits
+from helpers import ITERAND, trial_dirs, write_digits
 
 RAY_FIXTURES = ("ray_cluster", "digits_run")
 
@@ -27,16 +27,8 @@ def ray_cluster():
     """A local Ray instance with a logical GPU, so fractional GPU packing is testable on CPU.
     Yields its GCS address, which subprocess drivers join with --address."""
     ray = pytest.importorskip("ray")
-    with pytest.MonkeyPatch.context() as env:
-        # Ray's processes (and the trial processes they start) keep the environment they start
-        # with: the dummy credentials of test_storage_s3's local S3 server, as the nodes of a
-        # cluster writing to S3 hold theirs. This process's environment is restored.
-        for key, value in AWS.items():
-            env.setenv(key, value)
-        for key in NO_AWS:
-            env.delenv(key, raising=False)
-        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
-                 log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
+             log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

@@ -94,14 +94,6 @@ def write_digits(folder, experiments: Mapping[str, Mapping[str, Any]],
         for name, own in experiments.items()))
 
 
-# Dummy AWS credentials for the local S3 server of test_storage_s3 (it takes any), with no
-# configuration file of this machine's user; NO_AWS lists the variables that must be unset.
-AWS = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-           AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1",
-           AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-NO_AWS = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL")
-
-
 # ------------------------------------------------------------------ reading a run's files
 
 def trial_dirs(run_dir, prefix: str = "") -> list[str]:
