@@ -19,8 +19,11 @@ install: $(STAMP)
 quickstart: install
 	$(PY) -m iterand_tune experiments/quickstart.py
 
+# Two pytest-xdist workers: the tests that share the session's Ray instance run in one, the rest
+# (the simulated cluster, the S3 run, the quick tests) in the other, so both cores stay busy.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 benchmark: install
 	$(PY) benchmarks/step_overhead.py

@@ -1,7 +1,10 @@
 """Shared fixtures: one local Ray instance for the whole session (2 CPUs, one logical GPU), one
 small real run on digits that several test modules read, and a guard that no run starts.
 
-Tests that use `ray_cluster` (directly or through `digits_run`) get the `ray` marker here."""
+Tests that use `ray_cluster` (directly or through `digits_run`) get the `ray` marker here. With
+pytest-xdist (`make test` runs `pytest -n 2`), the modules that use them are scheduled as one
+unit of work, so that one worker starts the session's Ray and the shared run, and the other
+worker runs the rest meanwhile."""
 from __future__ import annotations
 
 import contextlib
@@ -15,11 +18,43 @@ from helpers import ITERAND, trial_dirs, write_digits
 
 RAY_FIXTURES = ("ray_cluster", "digits_run")
 
+# `make test` runs the suite in two pytest-xdist workers (`-n 2`). The modules that use the
+# session's Ray instance (RAY_FIXTURES) form one unit of work, so that only one worker starts it
+# and the shared run; every other module is a unit of its own. The units start in this order
+# (the longest first), then the other modules in their usual order.
+SESSION_RAY_MODULES = ("tests/test_analysis.py", "tests/test_gpu_check.py", "tests/test_search.py",
+                       "tests/test_tracking.py", "tests/test_tune.py", "tests/test_tune_interrupts.py")
+FIRST = (*SESSION_RAY_MODULES, "tests/test_cluster.py", "tests/test_storage_s3.py")
 
-def pytest_collection_modifyitems(items):
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
+def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(name in item.fixturenames for name in RAY_FIXTURES):
             item.add_marker(pytest.mark.ray)
+            if _module(item.nodeid) not in SESSION_RAY_MODULES:
+                raise pytest.UsageError(f"{_module(item.nodeid)} uses the session's Ray: add it to "
+                                        "SESSION_RAY_MODULES in tests/conftest.py")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the order in which the units are handed out
+        first = {module: i for i, module in enumerate(FIRST)}
+        items.sort(key=lambda item: first.get(_module(item.nodeid), len(first)))  # stable
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduling by module, with the session-Ray modules as one unit."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SessionRayTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = _module(nodeid)
+            return "session-ray" if module in SESSION_RAY_MODULES else module
+
+    config.option.loadscopereorder = False  # in the order of the collection
+    return SessionRayTogether(config, log)
 
 
 @pytest.fixture(scope="session")
