@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import uuid
 from typing import Any, Callable, Optional, Sequence
 
@@ -129,9 +130,18 @@ def connect(address: Optional[str], quiet: bool = False) -> bool:
 
 def quiet_worker() -> None:
     """Set up every worker process of a quiet run: Ray Tune's and Ray Train's INFO lines go to
-    the worker's log file only (Ray forwards what reaches the console to the driver's terminal)."""
+    the worker's log file only (Ray forwards what reaches the console to the driver's terminal),
+    and so does nothing of a worker being stopped: Ray's SIGTERM handler raises SystemExit, and
+    when that lands in a finalizer or weakref callback Python prints "Exception ignored in ..."
+    with a traceback (seen at the end of runs on a loaded machine)."""
     for name in ("ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    sys.unraisablehook = functools.partial(_unraisable_unless_exit, sys.unraisablehook)
+
+
+def _unraisable_unless_exit(default: Callable[[Any], None], unraisable: Any) -> None:
+    if not isinstance(unraisable.exc_value, SystemExit):
+        default(unraisable)
 
 
 def check_address(address: Optional[str]) -> Optional[str]:

@@ -16,7 +16,7 @@ from iterand_tune.cli import main
 from iterand_tune.experiments import Experiment
 from iterand_tune.resources import (GPU_SHARES, check_address, check_cluster, check_gpus,
                                     check_storage, claim_resources, describe_request, gpu_share,
-                                    trial_request)
+                                    quiet_worker, trial_request)
 from iterand_tune.storage import RunError
 
 from helpers import write_digits
@@ -187,3 +187,32 @@ def test_claim_resources_caps_memory_to_the_gpu_share(monkeypatch):
         assert claim_resources(1, 0.25) == ("cuda", 1) and caps[-1] == (pytest.approx(0.125), 0)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_quiet_workers_say_nothing_of_an_exit_raised_in_a_finalizer(monkeypatch):
+    """Ray's SIGTERM handler raises SystemExit in the worker; inside a finalizer Python reports it
+    through sys.unraisablehook ("Exception ignored in ..." and a traceback, forwarded to the
+    driver's terminal). A quiet worker drops that one; other unraisable errors still show."""
+    import logging
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(type(u.exc_value)))
+    loggers = [logging.getLogger(name) for name in ("ray.tune", "ray.train")]
+    levels = [logger.level for logger in loggers]
+    try:
+        quiet_worker()
+        assert [logger.level for logger in loggers] == [logging.WARNING] * 2
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+    class Finalized:
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    Finalized(SystemExit(1))
+    Finalized(ValueError("shown"))
+    assert seen == [ValueError]
