@@ -21,10 +21,12 @@ RAY_FIXTURES = ("ray_cluster", "digits_run")
 # `make test` runs the suite in two pytest-xdist workers (`-n 2`). The modules that use the
 # session's Ray instance (RAY_FIXTURES) form one unit of work, so that only one worker starts it
 # and the shared run; every other module is a unit of its own. The units start in this order
-# (the longest first), then the other modules in their usual order.
-SESSION_RAY_MODULES = ("tests/test_analysis.py", "tests/test_gpu_check.py", "tests/test_search.py",
-                       "tests/test_tracking.py", "tests/test_tune.py", "tests/test_tune_interrupts.py")
-FIRST = (*SESSION_RAY_MODULES, "tests/test_cluster.py", "tests/test_storage_s3.py")
+# (the longest first: the session-Ray unit in one worker, the modules that start a Ray of their
+# own one after another in the other), then the other modules in their usual order.
+SESSION_RAY_MODULES = ("tests/test_analysis.py", "tests/test_search.py", "tests/test_tracking.py",
+                       "tests/test_tune.py", "tests/test_tune_interrupts.py")
+FIRST = (*SESSION_RAY_MODULES, "tests/test_cluster.py", "tests/test_gpu_check.py",
+         "tests/test_storage_s3.py")
 
 
 def _module(nodeid: str) -> str:

@@ -207,10 +207,11 @@ def test_gpu_hours_without_a_report_are_labelled_estimates(gpu_hours, capsys):
 
 
 @pytest.mark.slow
-def test_allow_cpu_runs_every_part_and_writes_both_reports(gpu_check, ray_cluster, tmp_path,
-                                                          monkeypatch, capsys):
-    """`gpu_check.py --allow-cpu --out DIR`, run in this process: its Ray Tune part joins the
-    session's Ray (one logical GPU) instead of starting its own; the rest is the command's."""
+@pytest.mark.ray
+def test_allow_cpu_runs_every_part_and_writes_both_reports(gpu_check, tmp_path, monkeypatch, capsys):
+    """`gpu_check.py --allow-cpu --out DIR`, run in this process: its Ray Tune part starts a Ray
+    instance with a logical GPU and stops it again, or joins the session's if this process has
+    started that already (the tests run in one process)."""
     if torch.cuda.is_available():  # a GPU machine: the same command measures the GPU instead
         pytest.skip("CUDA is available: --allow-cpu does not apply")
     out = tmp_path / "check"
