@@ -19,8 +19,8 @@ install: $(STAMP)
 quickstart: install
 	$(PY) -m iterand_tune experiments/quickstart.py
 
-# Two pytest-xdist workers: the tests that share the session's Ray instance run in one, the rest
-# (the simulated cluster, the S3 run, the quick tests) in the other, so both cores stay busy.
+# Two pytest-xdist workers, so that both cores stay busy: the tests that share the session's Ray
+# instance run in one, the rest in the other (tests/conftest.py). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -n $(TEST_WORKERS)

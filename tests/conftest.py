@@ -1,10 +1,8 @@
 """Shared fixtures: one local Ray instance for the whole session (2 CPUs, one logical GPU), one
 small real run on digits that several test modules read, and a guard that no run starts.
 
-Tests that use `ray_cluster` (directly or through `digits_run`) get the `ray` marker here. With
-pytest-xdist (`make test` runs `pytest -n 2`), the modules that use them are scheduled as one
-unit of work, so that one worker starts the session's Ray and the shared run, and the other
-worker runs the rest meanwhile."""
+Tests that use `ray_cluster` (directly or through `digits_run`) get the `ray` marker here, and
+pytest-xdist schedules their modules together (SESSION_RAY_MODULES below)."""
 from __future__ import annotations
 
 import contextlib
