@@ -1,7 +1,8 @@
 """Tests for iterand_tune.tune: the end-of-run summary built from Ray Tune's results, what
 `run` asks Ray for, and real Ray Tune runs on digits through the CLI with a logical GPU: four
 quarter-GPU trials at once, checkpoints, the summary table (the same as `python -m analysis
-table`), a driver killed with SIGKILL and resumed, and refusals that start nothing."""
+table`) and refusals that start nothing. (A driver killed with SIGKILL and resumed: on S3 in
+test_storage_s3.py, on the session's Ray with a search in test_search.py.)"""
 from __future__ import annotations
 
 import glob
@@ -15,7 +16,6 @@ import torch
 
 import iterand_tune.tune as tune_module
 from analysis.cli import main as analysis_main
-from analysis.results import load_history, load_results
 from iterand_tune.cli import main
 from iterand_tune.experiments import Experiment, load
 from iterand_tune.storage import TRIAL_KEY
@@ -23,8 +23,7 @@ from iterand_tune.terminal import POINT_STATS
 from iterand_tune.tune import RunSummary
 from iterand_tune.vocabulary import POINT_LABELS
 
-from helpers import (EDGEPOPUP, ITERAND, kill_driver_when, result_rows, resume, trial_dirs,
-                     trial_states, write_digits)
+from helpers import EDGEPOPUP, result_rows, trial_dirs, write_digits
 
 FIGURE1 = os.path.join(os.path.dirname(__file__), "..", "experiments", "figure1.py")
 FIGURE2 = os.path.join(os.path.dirname(__file__), "..", "experiments", "figure2.py")
@@ -262,38 +261,6 @@ def test_the_run_summary_is_the_analysis_table(digits_run, capsys):
     table = capsys.readouterr().out.split("\n\n")[0].splitlines()
     assert summary == table
     assert len(table) == 2 + 4  # header, rule, one row per figure point
-
-
-@pytest.mark.slow
-def test_resume_after_driver_is_killed(ray_cluster, tmp_path):
-    exp = write_digits(str(tmp_path), {"tiny_edgepopup": EDGEPOPUP, "tiny_iterand": ITERAND},
-                       grid=dict(seed=[1, 2]), epochs=4, debug_max_iters=8)
-    storage = tmp_path / "results"
-    argv = [exp, "--address", ray_cluster, "--storage-path", str(storage), "--name", "killed",
-            "--cpus-per-trial", "0.5", "--max-concurrent", "2"]
-    run_dir = storage / "killed"
-
-    def one_done_one_midway():
-        states = trial_states(run_dir)
-        if "TERMINATED" in [s for s, _ in states.values()] and any(
-                s != "TERMINATED" and 1 <= e < 4 for s, e in states.values()):
-            return states
-
-    states = kill_driver_when(argv, one_done_one_midway, "one finished trial and one half-way")
-    finished = {d: open(os.path.join(d, "result.json")).read() for d in trial_dirs(run_dir)
-                if any(d.endswith(tid) for tid, (s, _) in states.items() if s == "TERMINATED")}
-    assert finished
-
-    resume(argv)
-    # Read as `analysis` reads it: Ray Tune 2.60 may run a trial that was starting when its driver
-    # was killed again in a second folder (docs/cluster.md); the newest folder is the trial.
-    trials = load_results(str(run_dir))
-    assert len(trials) == 4 and (trials["status"] == "finished").all()
-    assert trials["test_acc"].notna().all()
-    for tid, rows in load_history(str(run_dir)).groupby("trial_id"):
-        assert list(rows["epoch"]) == [1, 2, 3, 4], (tid, list(rows["epoch"]))  # none missing
-    for d, text in finished.items():  # finished trials were not run again
-        assert open(os.path.join(d, "result.json")).read() == text
 
 
 @pytest.mark.slow
