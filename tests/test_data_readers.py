@@ -273,9 +273,9 @@ def test_concurrent_trials_on_a_node_download_once(tmp_path):
 
     ctx = multiprocessing.get_context("spawn")
     log = tmp_path / "downloads.log"
-    with ctx.Pool(3) as pool:
-        sizes = pool.starmap(_download_in_process, [(str(tmp_path / "data"), str(log))] * 3)
-    assert sizes == [20, 20, 20]                       # every process got the data
+    with ctx.Pool(2) as pool:
+        sizes = pool.starmap(_download_in_process, [(str(tmp_path / "data"), str(log))] * 2)
+    assert sizes == [20, 20]                           # both processes got the data
     assert len(log.read_text().splitlines()) == 1      # and only one fetched it
 
 

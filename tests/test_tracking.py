@@ -95,16 +95,16 @@ def test_wandb_sync_command_globs_many_runs():
 
 @pytest.fixture(scope="module")
 def tracked_run(ray_cluster, tmp_path_factory):
-    """Two trials (edge-popup and IteRand, 2 epochs each) run through the CLI in this process
-    with --mlflow DIR and --wandb PROJECT, without a W&B API key: (its folder, MLflow store,
-    W&B root, stdout). The environment (and the working folder) is restored afterwards."""
+    """Two trials (edge-popup and IteRand, 2 epochs each, one after the other in one trial
+    process) run through the CLI in this process with --mlflow DIR and --wandb PROJECT, without
+    a W&B API key: (its folder, MLflow store, W&B root, stdout). The environment (and the working folder) is restored afterwards."""
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
     root = tmp_path_factory.mktemp("tracking")
     exp = write_digits(str(root), {"tiny_edgepopup": EDGEPOPUP, "tiny_iterand": ITERAND},
                        epochs=EPOCHS, batch_size=32, max_train_dataset_size=64)
     argv = [exp, "--address", ray_cluster, "--storage-path", "results", "--name", RUN,
-            "--mlflow", "mlruns", "--wandb", PROJECT, "--max-concurrent", "2"]
+            "--mlflow", "mlruns", "--wandb", PROJECT, "--max-concurrent", "1"]
     saved, out, here = dict(os.environ), io.StringIO(), os.getcwd()
     try:
         for key in [k for k in os.environ if k.startswith(("WANDB_", "MLFLOW_"))]:
