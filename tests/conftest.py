@@ -18,13 +18,15 @@ RAY_FIXTURES = ("ray_cluster", "digits_run")
 
 # `make test` runs the suite in two pytest-xdist workers (`-n 2`). The modules that use the
 # session's Ray instance (RAY_FIXTURES) form one unit of work, so that only one worker starts it
-# and the shared run; every other module is a unit of its own. The units start in this order
-# (the longest first: the session-Ray unit in one worker, the modules that start a Ray of their
-# own one after another in the other), then the other modules in their usual order.
+# and the shared run; every other module is a unit of its own. The units are handed out in this
+# order, the longest first (the session-Ray unit to one worker, the modules that start a Ray of
+# their own to the other), then the other modules in their usual order. A worker is handed its
+# next unit while its last two tests run, so the units that come last are the short ones.
 SESSION_RAY_MODULES = ("tests/test_analysis.py", "tests/test_search.py", "tests/test_tracking.py",
                        "tests/test_tune.py", "tests/test_tune_interrupts.py")
-FIRST = (*SESSION_RAY_MODULES, "tests/test_cluster.py", "tests/test_gpu_check.py",
-         "tests/test_storage_s3.py")
+FIRST = (*SESSION_RAY_MODULES, "tests/test_cluster.py", "tests/test_storage_s3.py",
+         "tests/test_gpu_check.py", "tests/test_training.py", "tests/test_models.py",
+         "tests/test_gpu_throughput.py", "tests/test_cli.py", "tests/test_data_readers.py")
 
 
 def _module(nodeid: str) -> str:
