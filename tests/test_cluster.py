@@ -52,18 +52,17 @@ def driver(exp, address, storage, name, *extra):
 
 @pytest.fixture(scope="module")
 def cluster_run(cluster, tmp_path_factory):
-    """One run on the cluster, read by three tests. Three `moved` trials and `nodata`, which
-    wants CIFAR-10 from a folder no node has (--data-dir; digits needs no folder), at half a GPU
-    each: two trials per worker, so one worker runs two `moved` trials and the other one. Once
-    every `moved` trial has reported an epoch, the worker with two is removed (`doomed`) if
-    both are still running, and the process of the `moved` trial on the other worker is
-    SIGKILLed (`victim`) if it has two epochs to go. The reports of
+    """One run on the cluster, read by three tests. Four `moved` trials at half a GPU each
+    (two per worker) and `nodata`, which wants CIFAR-10 from a folder no node has (--data-dir;
+    digits needs no folder) and waits for a free slot. Once every `moved` trial has reported an
+    epoch, one worker whose two trials are both still running is removed (`doomed`), and the
+    process of a still-running trial on the other worker is SIGKILLed (`victim`). The reports of
     the victim are compared with the same trial trained here without interruption
     (`reference`)."""
     c, workers = cluster
     folder = tmp_path_factory.mktemp("cluster")
     moved = {**DIGITS, **ITERAND, "epochs": 4, "max_train_dataset_size": 640}  # 10 iterations an epoch
-    exp = write_experiments(folder / "multi.py", ("moved", moved, {"seed": [1, 2, 3]}),
+    exp = write_experiments(folder / "multi.py", ("moved", moved, {"seed": [1, 2, 3, 4]}),
                             ("nodata", dict(moved, dataset="cifar10", dataset_download=False),
                              {"seed": [1]}))
     storage, absent = folder / "shared", folder / "absent"
@@ -75,7 +74,7 @@ def cluster_run(cluster, tmp_path_factory):
         running and a trial on the other with at least two epochs to go."""
         dirs = trial_dirs(run_dir, "moved-")
         rows = {d: result_rows(d) for d in dirs}
-        if len(dirs) < 3 or not all(rows.values()):
+        if len(dirs) < 4 or not all(rows.values()):
             return None
         for w in workers:
             mine = [d for d in dirs if rows[d][0]["node_id"] == w.node_id]
