@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import io
 import json
 import os
@@ -21,6 +22,17 @@ import iterand_tune.supermask as supermask
 from iterand_tune.config import METHODS, TrialConfig
 from iterand_tune.storage import experiment_state, open_storage
 from iterand_tune.training import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # Tensor methods that read a value back to the host (a device sync on a GPU).
 SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")

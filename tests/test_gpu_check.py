@@ -4,10 +4,8 @@ hand-written report, GPU-hours from a hand-written report, and the memory cap `c
 sets for a fractional GPU (with CUDA stood in for)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -15,25 +13,18 @@ import torch
 
 from iterand_tune.resources import claim_resources
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
+from helpers import ROOT, load_benchmark
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    return _load("gpu_check")
+    return load_benchmark("gpu_check")
 
 
 @pytest.fixture(scope="module")
 def gpu_hours():
-    return _load("gpu_hours")
+    return load_benchmark("gpu_hours")
 
 
 # ----------------------------------------------------------------------------- without CUDA

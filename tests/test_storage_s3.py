@@ -107,7 +107,7 @@ def test_s3_run_killed_resumed_and_read_back(s3_storage, tmp_path, capsys):
     trials = load_results(run)
     assert len(trials) == 4 and (trials["status"] == "finished").all()
     assert trials["test_acc"].notna().all()
-    for tid, rows in load_history(run).groupby("trial_id"):
-        assert list(rows["epoch"]) == list(range(1, EPOCHS + 1)), (tid, list(rows["epoch"]))  # every epoch once
+    for tid, rows in load_history(run).groupby("trial_id"):  # every epoch once
+        assert list(rows["epoch"]) == list(range(1, EPOCHS + 1)), (tid, list(rows["epoch"]))
     for d, text in finished.items():  # finished trials were not run again
         assert read_text(fs, f"{root}/{d}/result.json") == text, d

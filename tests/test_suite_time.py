@@ -1,22 +1,17 @@
 """benchmarks/suite_time.py: the pytest time it reads, and a commit it cannot check out."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def suite_time():
-    spec = importlib.util.spec_from_file_location(
-        "suite_time", os.path.join(ROOT, "benchmarks", "suite_time.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("suite_time")
 
 
 def test_pytest_time_of_a_suite_with_a_failure(suite_time, tmp_path):
