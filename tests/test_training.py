@@ -162,9 +162,14 @@ def test_metrics_every_epoch_and_test_after_the_last():
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 @pytest.mark.parametrize("method,lr", [("sgd", 0.01), ("edgepopup", 0.3), ("iterand", 0.3)])
 def test_short_digits_run_learns(method, lr):
-    ms = list(Trainer(digits(method, epochs=4, lr=lr, rerand_freq=10)).fit())
+    # Batches of 32: 160 steps in 4 epochs, well past the plateau that dense Conv6 sits on at
+    # first. Under ATen's default, avx2 and avx512 kernels every method ends at 86-98%
+    # validation accuracy; with batches of 64 (80 steps) the CPU's vector unit decided whether
+    # SGD or IteRand had left the plateau (60-89%).
+    ms = list(Trainer(digits(method, epochs=4, lr=lr, rerand_freq=10, batch_size=32)).fit())
     assert ms[-1]["val_acc"] > 70 and ms[-1]["test_acc"] > 70  # chance is 10%
     assert ms[-1]["train_loss"] < ms[0]["train_loss"]
 
