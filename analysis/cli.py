@@ -1,10 +1,10 @@
 """Command line of the analysis package. Every error a user can cause ends here as one line on
 stderr (`error: ...`) and exit code 2.
 
-    python -m analysis table RESULTS [--rows points|trials|epochs] [-o FILE.csv|FILE.parquet]
-    python -m analysis figure1|figure2|figure3 RESULTS [-o FILE.png|.pdf|.svg]
+    python -m analysis table RUN [--rows points|trials|epochs] [-o FILE.csv|FILE.parquet]
+    python -m analysis figure1|figure2|figure3 RUN [-o FILE.png|.pdf|.svg]
 
-RESULTS is a run's folder (STORAGE/NAME, or a URI such as s3://bucket/runs/NAME), or a Parquet
+RUN is a run's folder (STORAGE/NAME, or a URI such as s3://bucket/runs/NAME), or a Parquet
 table of trials written by `table --rows trials -o FILE.parquet`.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "written by `table --rows trials`")
     t = sub.add_parser("table", help="print the figure points (or trials, or epochs); -o writes "
                                      "CSV or Parquet")
-    t.add_argument("results", metavar="RESULTS", help=results_help)
+    t.add_argument("results", metavar="RUN", help=results_help)
     t.add_argument("--rows", choices=("points", "trials", "epochs"), default="points",
                    help="one row per figure point (mean over seeds, the default), per trial, or "
                         "per trial and epoch")
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "network"),
                        ("figure3", "the ImageNet comparison")):
         f = sub.add_parser(name, help=what)
-        f.add_argument("results", metavar="RESULTS", help=results_help)
+        f.add_argument("results", metavar="RUN", help=results_help)
         f.add_argument("-o", "--output", metavar="FILE",
                        help=f"where to write it: .png, .pdf or .svg (default {name}.png)")
     return p
