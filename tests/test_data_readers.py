@@ -5,6 +5,7 @@ and the fixed seed-777 splits (with the original code's numbers)."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 import torchvision.datasets.cifar as tv_cifar
 import torchvision.datasets.mnist as tv_mnist
-from torchvision.datasets import CIFAR10, MNIST
+from torchvision.datasets import CIFAR10, CIFAR100, MNIST
 
 from iterand_tune import data
 from iterand_tune.data import readers
@@ -62,6 +63,20 @@ def make_cifar10(root, per_batch: int = 4, n_test: int = 3) -> tuple[np.ndarray,
     write_cifar_batch(os.path.join(folder, "test_batch"), xt, [9] * n_test)
     write_pickle(os.path.join(folder, "batches.meta"), {"label_names": [f"c{k}" for k in range(10)]})
     return np.concatenate(all_x), all_y
+
+
+def official(cls, root, setattr=setattr) -> None:
+    """Make the tiny files under `root` torchvision's official `cls` (CIFAR10, CIFAR100): its md5s
+    become theirs, since its constructor checks every file. `setattr`: monkeypatch.setattr in a test."""
+    folder = os.path.join(root, cls.base_folder)
+
+    def md5(name: str) -> str:
+        with open(os.path.join(folder, name), "rb") as f:
+            return hashlib.md5(f.read()).hexdigest()
+
+    for attr in ("train_list", "test_list"):
+        setattr(cls, attr, [[name, md5(name)] for name, _ in getattr(cls, attr)])
+    setattr(cls, "meta", {**cls.meta, "md5": md5(cls.meta["filename"])})
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -116,9 +131,12 @@ def test_registry_is_the_vocabulary_one():
 # ---------------------------------------------------------------- readers
 
 
-def test_cifar10_reads_real_format(tmp_path):
+@pytest.mark.parametrize("verify", [False, True])  # True: through torchvision's CIFAR10 as it is
+def test_cifar10_reads_real_format(tmp_path, monkeypatch, verify):
     x_np, y = make_cifar10(tmp_path)
-    train_x, train_y, test_x, test_y = load_cifar10(tmp_path, verify=False)
+    if verify:
+        official(CIFAR10, tmp_path, monkeypatch.setattr)
+    train_x, train_y, test_x, test_y = load_cifar10(tmp_path, verify=verify)
     assert train_x.shape == (20, 3, 32, 32) and train_x.dtype == torch.uint8 and train_x.is_contiguous()
     assert test_x.shape == (3, 3, 32, 32)
     assert train_y.dtype == torch.int64 and train_y.tolist() == y and test_y.tolist() == [9, 9, 9]
@@ -129,14 +147,17 @@ def test_cifar10_reads_real_format(tmp_path):
     assert train_x[6, 2, 31, 0].item() == flat[6, 2048 + 31 * 32]
 
 
-def test_cifar100_reads_fine_labels(tmp_path):
+@pytest.mark.parametrize("verify", [False, True])
+def test_cifar100_reads_fine_labels(tmp_path, monkeypatch, verify):
     rng = np.random.default_rng(2)
     x = rng.integers(0, 256, size=(3, 3, 32, 32), dtype=np.uint8)
     folder = tmp_path / "cifar-100-python"
     write_cifar_batch(str(folder / "train"), x, [5, 99, 42], label_key="fine_labels")
     write_cifar_batch(str(folder / "test"), x[:2], [0, 77], label_key="fine_labels")
     write_pickle(str(folder / "meta"), {"fine_label_names": [f"c{k}" for k in range(100)]})
-    train_x, train_y, test_x, test_y = load_cifar100(tmp_path, verify=False)
+    if verify:
+        official(CIFAR100, tmp_path, monkeypatch.setattr)
+    train_x, train_y, test_x, test_y = load_cifar100(tmp_path, verify=verify)
     assert train_x.shape == (3, 3, 32, 32) and test_x.shape == (2, 3, 32, 32)
     assert train_y.tolist() == [5, 99, 42] and test_y.tolist() == [0, 77]
     assert torch.equal(train_x, torch.from_numpy(x))
@@ -202,6 +223,7 @@ def test_corrupt_cifar_file_names_it_and_is_kept(tmp_path, damage):
 
 def test_md5_mismatch_with_verify(tmp_path):
     make_cifar10(tmp_path)  # tiny files cannot match the official md5s
+    load_cifar10(tmp_path, verify=False)  # a cache of unverified files, which verify=True does not take
     with pytest.raises(DataError) as err:
         load_cifar10(tmp_path, verify=True)
     msg = one_line(err)
@@ -255,7 +277,12 @@ def test_download_skipped_when_files_present(tmp_path, monkeypatch):
 
 def _download_in_process(root: str, log: str) -> int:
     """Child process: load CIFAR-10 with a fake, slow download that logs each time it runs."""
+    import tempfile
     import time
+
+    scratch = tempfile.mkdtemp()
+    make_cifar10(scratch)  # the same bytes as the fake download writes: their md5s are the official ones
+    official(CIFAR10, scratch)
 
     def fake_download(url, download_root, filename=None, md5=None):
         with open(log, "a") as f:
@@ -264,7 +291,7 @@ def _download_in_process(root: str, log: str) -> int:
         make_cifar10(download_root)
 
     tv_cifar.download_and_extract_archive = fake_download
-    train_x, *_ = load_cifar10(root, download=True, verify=False)
+    train_x, *_ = load_cifar10(root, download=True)
     return len(train_x)
 
 
