@@ -1,6 +1,6 @@
 """Tests for iterand_tune.data's readers: tiny files in the real on-disk formats read through
 torchvision's dataset classes, one-line DataErrors for every failure, the download lock and timeout,
-and the fixed seed-777 splits (with the original code's numbers)."""
+the decoded-once cache, and the fixed seed-777 splits (with the original code's numbers)."""
 
 from __future__ import annotations
 
@@ -322,6 +322,136 @@ def test_downloads_time_out_instead_of_hanging(tmp_path, monkeypatch):
     assert seen == [data.DOWNLOAD_TIMEOUT_S] and 0 < data.DOWNLOAD_TIMEOUT_S <= 120
     assert "TimeoutError: timed out" in one_line(err)
     assert socket.getdefaulttimeout() == before  # restored for the rest of the process
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def _no_torchvision(monkeypatch) -> None:
+    def unavailable():
+        raise AssertionError("torchvision used, not the cache")
+
+    monkeypatch.setattr(readers, "_torchvision", unavailable)
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(p, q) and p.dtype == q.dtype for p, q in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("name, verify", [("cifar10", True), ("cifar100", False), ("mnist", True), ("mnist", False)])
+def test_second_load_reads_the_cache(tmp_path, monkeypatch, name, verify):
+    if name == "cifar10":
+        make_cifar10(tmp_path)
+        official(CIFAR10, tmp_path, monkeypatch.setattr)
+    elif name == "cifar100":
+        rng = np.random.default_rng(3)
+        folder = tmp_path / "cifar-100-python"
+        write_cifar_batch(str(folder / "train"), rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), [1, 2, 3, 99],
+                          label_key="fine_labels")
+        write_cifar_batch(str(folder / "test"), rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8), [0, 5],
+                          label_key="fine_labels")
+        write_pickle(str(folder / "meta"), {})
+    else:
+        make_mnist(tmp_path)
+        monkeypatch.setattr(MNIST, "resources", [(n, None) for n, _ in MNIST.resources])  # no md5s to match
+    load = {"cifar10": load_cifar10, "cifar100": load_cifar100, "mnist": load_mnist}[name]
+    first = load(tmp_path, verify=verify)
+    cache = tmp_path / "iterand_cache" / f"{name}{'' if verify else '-unverified'}.npz"
+    assert sorted(os.listdir(cache.parent)) == [cache.name, cache.name + ".lock"]
+    with np.load(cache, allow_pickle=False) as f:  # plain arrays: nothing pickled
+        assert f["train_x"].dtype == np.uint8 and f["train_x"].shape[1:] == (3, 32, 32)
+    with monkeypatch.context() as m:
+        _no_torchvision(m)
+        m.setattr(readers, "FileLock", None)  # and no lock taken
+        again = load(tmp_path, verify=verify)
+        assert _same(first, again)
+        assert all(t.is_contiguous() and t.numpy().flags.writeable for t in again)
+        moved = tmp_path.rename(tmp_path.parent / (tmp_path.name + "-moved"))  # the cache moves with its folder
+        assert _same(load(moved, verify=verify), first)
+
+
+def _tampered(cache, damage: str, root) -> None:
+    if damage == "truncated":
+        cache.write_bytes(cache.read_bytes()[:1000])
+    elif damage == "flipped byte":  # in the pixels: the zip's CRC catches it
+        raw = bytearray(cache.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        cache.write_bytes(bytes(raw))
+    elif damage == "garbage":
+        cache.write_bytes(b"not a zip")
+    elif damage in ("wrong shape", "label out of range", "pickled"):
+        with np.load(cache, allow_pickle=False) as f:
+            arrays = dict(f)
+        if damage == "wrong shape":
+            arrays["train_x"] = arrays["train_x"][:, :, :16]
+        elif damage == "label out of range":
+            arrays["train_y"] = arrays["train_y"] + 10
+        else:
+            arrays["train_y"] = arrays["train_y"].astype(object)
+        with open(cache, "wb") as f:
+            np.savez(f, **arrays)
+    else:  # "stale": a source file replaced after the cache was written (now 5 images, not 4)
+        x = np.full((5, 3, 32, 32), 7, dtype=np.uint8)
+        write_cifar_batch(str(root / "cifar-10-batches-py" / "data_batch_2"), x, [1, 1, 1, 1, 2])
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncated", "flipped byte", "garbage", "wrong shape", "label out of range", "pickled", "stale"]
+)
+def test_damaged_or_stale_cache_is_rebuilt(tmp_path, damage):
+    make_cifar10(tmp_path)
+    load_cifar10(tmp_path, verify=False)
+    cache = tmp_path / "iterand_cache" / "cifar10-unverified.npz"
+    _tampered(cache, damage, tmp_path)
+    fresh = load_cifar10(tmp_path, verify=False)
+    if damage == "stale":
+        assert len(fresh[0]) == 21 and (fresh[0][4:9] == 7).all() and fresh[1][4:9].tolist() == [1, 1, 1, 1, 2]
+    else:
+        expected, _ = make_cifar10(tmp_path / "again")
+        assert torch.equal(fresh[0], torch.from_numpy(expected))
+    with pytest.MonkeyPatch.context() as m:  # rebuilt: the next load reads it
+        _no_torchvision(m)
+        assert _same(load_cifar10(tmp_path, verify=False), fresh)
+    assert sorted(os.listdir(cache.parent)) == [cache.name, cache.name + ".lock"]
+
+
+def test_unwritable_cache_folder_still_loads(tmp_path):
+    make_cifar10(tmp_path)
+    (tmp_path / "iterand_cache").write_text("a file where the folder would be")
+    first = load_cifar10(tmp_path, verify=False)
+    assert _same(first, load_cifar10(tmp_path, verify=False)) and len(first[0]) == 20
+
+
+def _decode_in_process(root: str, log: str) -> list[int]:
+    """Child process: load CIFAR-10 with a slow decoder that logs each time it runs."""
+    import time
+
+    decode = readers._unverified_cifar
+
+    def slow(*args):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # widen the window in which the other process could decode and write too
+        return decode(*args)
+
+    readers._unverified_cifar = slow
+    return [int(t.sum()) for t in load_cifar10(root, verify=False)]
+
+
+def test_concurrent_trials_decode_once_into_one_file(tmp_path):
+    import multiprocessing
+
+    make_cifar10(tmp_path)
+    log = tmp_path / "decodes.log"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        sums = pool.starmap(_decode_in_process, [(str(tmp_path), str(log))] * 2)
+    assert sums[0] == sums[1]
+    assert len(set(log.read_text().splitlines())) == 1  # one process decoded (train and test split)
+    cache = tmp_path / "iterand_cache" / "cifar10-unverified.npz"
+    assert sorted(os.listdir(cache.parent)) == [cache.name, cache.name + ".lock"]  # no temporary files left
+    with pytest.MonkeyPatch.context() as m:
+        _no_torchvision(m)
+        assert [int(t.sum()) for t in load_cifar10(tmp_path, verify=False)] == sums[0]
 
 
 # ---------------------------------------------------------------- splits
