@@ -1,9 +1,10 @@
 """What a run records besides training: experiment tracking through Ray Tune's own logger
 callbacks, each an optional extra: MLflow (`MLflowLoggerCallback`: one run per trial, named
-after it, its TrialConfig as params, the figure point as tags, every epoch's metrics) and
-Weights & Biases (`WandbLoggerCallback`: one run per trial, grouped by experiment, offline
-under ./wandb without an API key); TensorBoard needs nothing: Ray Tune writes event files into
-every trial's folder.
+after it, its TrialConfig as params, the figure point as tags, every epoch's metrics,
+by default in MLflow's own default store, a SQLite database ./mlflow.db) and Weights & Biases
+(`WandbLoggerCallback`: one run per trial, grouped by experiment, offline under ./wandb
+without an API key); TensorBoard needs nothing: Ray Tune writes event files into every
+trial's folder.
 
 No Ray import at module level (the command line imports this module for its checks), and
 mlflow and wandb only when asked for (both take seconds to import): the two callback classes
@@ -31,23 +32,45 @@ from .vocabulary import METRICS, labels
 __all__ = ["Tracking", "MLFLOW_DEFAULT", "check_installed", "mlflow_uri",
            "wandb_mode", "wandb_offline_runs", "wandb_sync_command", "trial_params", "trial_tags"]
 
-MLFLOW_DEFAULT = "mlruns"          # --mlflow without a URI: a file store in ./mlruns, no server
+# --mlflow without a URI: MLflow's own default store (3.18 here; its file store, ./mlruns, is
+# in maintenance mode), a SQLite database in the working folder, no server; made absolute.
+MLFLOW_DEFAULT = "sqlite:///mlflow.db"
 PACKAGES = {"--mlflow": ("mlflow", "mlflow"), "--wandb": ("wandb", "wandb")}  # flag: module, extra
+# MLflow's database stores (sqlite:, postgresql:, mysql:, mssql:, with or without +DRIVER) need
+# these; mlflow-skinny leaves them out, the full mlflow package has them.
+SQL_STORE_MODULES = ("sqlalchemy", "alembic")
+SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 # Also logged every epoch besides the trial's own metrics (vocabulary.METRICS).
 RAY_METRICS = ("time_total_s",)
 
 
-def check_installed(flags: list[str]) -> None:
-    """One line (RunError, exit 2) for the first tracking flag whose package is missing."""
+def check_installed(flags: list[str], mlflow: Optional[str] = None) -> None:
+    """One line (RunError, exit 2) for the first tracking flag whose package is missing, and
+    for an MLflow database store (`mlflow`: --mlflow's value) without SQLAlchemy and Alembic."""
     for flag in flags:
         module, extra = PACKAGES[flag]
         if importlib.util.find_spec(module) is None:
             raise RunError(f"{flag} needs the {module} package: pip install 'iterand_tune[{extra}]'")
+    if "--mlflow" in flags and mlflow is not None and mlflow_sql_store(mlflow_uri(mlflow)):
+        missing = [m for m in SQL_STORE_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            raise RunError(f"--mlflow {mlflow_uri(mlflow)} (a database store) needs "
+                           f"{' and '.join(missing)}: pip install 'iterand_tune[mlflow]'; or "
+                           f"give --mlflow a folder (a file store) or a server's http:// URI")
+
+
+def mlflow_sql_store(uri: str) -> bool:
+    """Whether MLflow keeps `uri` in a database through SQLAlchemy (sqlite:///mlflow.db, ...)."""
+    return uri.split(":", 1)[0].split("+", 1)[0].lower() in SQL_SCHEMES
 
 
 def mlflow_uri(value: str) -> str:
-    """An MLflow tracking URI: a folder becomes an absolute file:// URI (a local file store);
-    anything with a scheme (http://host:5000, sqlite:///mlflow.db, databricks) stays as is."""
+    """An MLflow tracking URI, the same from any folder (a resumed run may start elsewhere): a
+    folder becomes an absolute file:// URI (a local file store), a SQLite file an absolute
+    sqlite:////PATH; anything else with a scheme (http://host:5000, databricks) stays as is."""
+    sqlite = re.match(r"^sqlite:///(?!/)(.+)$", value)
+    if sqlite and sqlite.group(1) != ":memory:":
+        return "sqlite:///" + os.path.abspath(os.path.expanduser(sqlite.group(1)))
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", value) or value == "databricks":
         return value
     return "file://" + os.path.abspath(os.path.expanduser(value))
@@ -139,7 +162,8 @@ def _mlflow_callback() -> type:
 
         def setup(self, *args: Any, **kwargs: Any) -> None:
             if (self.tracking_uri or "").startswith("file:"):
-                # MLflow 3 refuses its file store unless asked for it: it is what needs no server.
+                # MLflow 3 refuses its file store unless asked for it, and a folder given to
+                # --mlflow asks for it; the default store is a database, which needs no flag.
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             super().setup(*args, **kwargs)
 

@@ -9,13 +9,15 @@ import io
 import json
 import os
 import struct
+from types import SimpleNamespace
 
 import pytest
 
 import iterand_tune.tracking as tracking
 from iterand_tune.cli import main
-from iterand_tune.tracking import (Tracking, mlflow_uri, trial_params, trial_tags,
-                                   wandb_mode, wandb_sync_command)
+from iterand_tune.storage import RunError
+from iterand_tune.tracking import (MLFLOW_DEFAULT, Tracking, check_installed, mlflow_uri,
+                                   trial_params, trial_tags, wandb_mode, wandb_sync_command)
 
 from helpers import EDGEPOPUP, ITERAND, trial_dirs, trial_states, write_digits
 
@@ -49,12 +51,34 @@ def test_resume_keeps_the_tracking_a_run_began_with(tmp_path, capsys):
     assert err.endswith("drop --mlflow and --wandb\n")
 
 
-def test_mlflow_uri_makes_folders_absolute_file_stores(tmp_path, monkeypatch):
+def test_mlflow_uri_makes_folders_file_stores_and_sqlite_files_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    assert mlflow_uri(MLFLOW_DEFAULT) == f"sqlite:///{tmp_path}/mlflow.db"  # sqlite:////tmp/...
+    assert mlflow_uri("sqlite:///runs/x.db") == f"sqlite:///{tmp_path}/runs/x.db"
     assert mlflow_uri("mlruns") == f"file://{tmp_path}/mlruns"
-    for uri in ("http://127.0.0.1:5000", "sqlite:///mlflow.db", "databricks", "file:///x/mlruns"):
+    for uri in ("http://127.0.0.1:5000", "sqlite:////x/mlflow.db", "sqlite:///:memory:",
+                "databricks", "file:///x/mlruns", "postgresql://u@db/mlflow"):
         assert mlflow_uri(uri) == uri
     assert Tracking().callbacks("run") == []  # nothing asked: no callback, no import
+
+
+def test_a_database_store_without_sqlalchemy_is_one_line(tmp_path, monkeypatch):
+    """mlflow-skinny leaves out SQLAlchemy and Alembic, which MLflow's database stores (the
+    default sqlite:///mlflow.db among them) need; a file store or a server does not."""
+    monkeypatch.chdir(tmp_path)
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: (
+        None if name in ("sqlalchemy", "alembic") else real(name, *a)))
+    for value in (MLFLOW_DEFAULT, "sqlite:///runs.db", "postgresql+psycopg2://u@db/mlflow"):
+        with pytest.raises(RunError) as err:
+            check_installed(["--mlflow"], mlflow=value)
+        assert str(err.value) == (f"--mlflow {mlflow_uri(value)} (a database store) needs "
+                                  f"sqlalchemy and alembic: pip install 'iterand_tune[mlflow]'; "
+                                  f"or give --mlflow a folder (a file store) or a server's "
+                                  f"http:// URI")
+    for value in ("mlruns", "http://127.0.0.1:5000", "databricks"):
+        check_installed(["--mlflow", "--wandb"], mlflow=value)
+    check_installed(["--wandb"], mlflow=None)
 
 
 def test_wandb_is_offline_without_an_api_key(tmp_path, monkeypatch):
@@ -96,15 +120,18 @@ def test_wandb_sync_command_globs_many_runs():
 @pytest.fixture(scope="module")
 def tracked_run(ray_cluster, tmp_path_factory):
     """Two trials (edge-popup and IteRand, 2 epochs each, one after the other in one trial
-    process) run through the CLI in this process with --mlflow DIR and --wandb PROJECT, without
-    a W&B API key: (its folder, MLflow store, W&B root, stdout). The environment (and the working folder) is restored afterwards."""
+    process) run through the CLI in this process with --mlflow (its default store) and --wandb
+    PROJECT, without a W&B API key: its folder (`run_dir`), the MLflow store (`mlflow_uri`),
+    the working folder and W&B root (`root`), stdout, and MLFLOW_ALLOW_FILE_STORE as the run
+    left it (`allow_file_store`). The environment and the working folder are restored."""
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
+    _database_store_or_skip()
     root = tmp_path_factory.mktemp("tracking")
     exp = write_digits(str(root), {"tiny_edgepopup": EDGEPOPUP, "tiny_iterand": ITERAND},
                        epochs=EPOCHS, batch_size=32, max_train_dataset_size=64)
     argv = [exp, "--address", ray_cluster, "--storage-path", "results", "--name", RUN,
-            "--mlflow", "mlruns", "--wandb", PROJECT, "--max-concurrent", "1"]
+            "--mlflow", "--wandb", PROJECT, "--max-concurrent", "1"]
     saved, out, here = dict(os.environ), io.StringIO(), os.getcwd()
     try:
         for key in [k for k in os.environ if k.startswith(("WANDB_", "MLFLOW_"))]:
@@ -113,25 +140,36 @@ def tracked_run(ray_cluster, tmp_path_factory):
                           WANDB_CONFIG_DIR=str(root / "wandb-config"),
                           WANDB_CACHE_DIR=str(root / "wandb-cache"),
                           WANDB_DATA_DIR=str(root / "wandb-data"), WANDB_SILENT="true")
-        os.chdir(root)  # the relative --storage-path and --mlflow folder are made absolute here
+        os.chdir(root)  # the relative --storage-path and ./mlflow.db are made absolute here
         with contextlib.redirect_stdout(out):
             rc = main(argv)
+        allow_file_store = os.environ.get("MLFLOW_ALLOW_FILE_STORE")
     finally:
         os.chdir(here)
         os.environ.clear()  # whatever the run or the tracking libraries set goes too
         os.environ.update(saved)
     assert rc == 0, out.getvalue()[-3000:]
-    return root / "results" / RUN, root / "mlruns", root, out.getvalue()
+    return SimpleNamespace(run_dir=root / "results" / RUN, mlflow_uri=f"sqlite:///{root}/mlflow.db",
+                           root=root, stdout=out.getvalue(), allow_file_store=allow_file_store)
+
+
+def _database_store_or_skip() -> None:
+    """MLflow's SQLite store needs SQLAlchemy and Alembic (setup.cfg's mlflow and test extras)."""
+    pytest.importorskip("sqlalchemy")
+    pytest.importorskip("alembic")
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_mlflow_gets_a_run_per_trial_with_params_metrics_and_tags(tracked_run, monkeypatch):
-    run_dir, store, _, _ = tracked_run
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+def test_mlflow_gets_a_run_per_trial_with_params_metrics_and_tags(tracked_run):
+    run_dir = tracked_run.run_dir
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"file://{store}")
+    # --mlflow alone: a SQLite database in the working folder, no file store asked for, and no
+    # ./mlruns (MLflow's artifact root for it) while nothing logs an artifact.
+    assert os.path.isfile(tracked_run.root / "mlflow.db")
+    assert tracked_run.allow_file_store is None and not (tracked_run.root / "mlruns").exists()
+    client = MlflowClient(tracking_uri=tracked_run.mlflow_uri)
     experiment = client.get_experiment_by_name(RUN)  # the Ray Tune run is the MLflow experiment
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     dirs = {os.path.basename(d): d for d in trial_dirs(run_dir)}
@@ -158,13 +196,13 @@ def test_mlflow_gets_a_run_per_trial_with_params_metrics_and_tags(tracked_run, m
 @pytest.mark.ray
 @pytest.mark.slow
 def test_wandb_saves_one_offline_run_per_trial(tracked_run):
-    run_dir, _, root, stdout = tracked_run
+    run_dir, root = tracked_run.run_dir, tracked_run.root
     ids = sorted(trial_states(run_dir))
     offline = sorted(glob.glob(str(root / "wandb" / "offline-run-*")))
     assert sorted(p.rsplit("-", 1)[1] for p in offline) == ids  # W&B's run id: the trial id
     for folder in offline:
         assert glob.glob(os.path.join(folder, "run-*.wandb")), os.listdir(folder)
-    line = next(l for l in stdout.splitlines() if "wandb sync" in l)
+    line = next(l for l in tracked_run.stdout.splitlines() if "wandb sync" in l)
     assert line.endswith("wandb sync " + " ".join(offline))
 
 
@@ -188,8 +226,7 @@ def _event_scalars(path: str) -> dict[str, list[float]]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_tensorboard_event_files_hold_val_acc(tracked_run):
-    run_dir, _, _, _ = tracked_run
-    for d in trial_dirs(run_dir):
+    for d in trial_dirs(tracked_run.run_dir):
         (events,) = glob.glob(os.path.join(d, "events.out.tfevents.*"))
         scalars = _event_scalars(events)
         assert len(scalars["ray/tune/val_acc"]) == EPOCHS, sorted(scalars)
@@ -202,8 +239,7 @@ def test_the_run_keeps_its_tracking_callbacks_for_a_resume(tracked_run):
     the unpickling), so a resume restores them."""
     import ray.cloudpickle
 
-    run_dir, _, _, _ = tracked_run
-    with open(run_dir / "tuner.pkl", "rb") as f:
+    with open(tracked_run.run_dir / "tuner.pkl", "rb") as f:
         callbacks = ray.cloudpickle.load(f)["_run_config"].callbacks
     kinds = {type(c) for c in callbacks}
     assert {tracking.MLflowCallback, tracking.WandbCallback} <= kinds
