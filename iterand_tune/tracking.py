@@ -1,10 +1,10 @@
 """What a run records besides training: experiment tracking through Ray Tune's own logger
 callbacks, each an optional extra: MLflow (`MLflowLoggerCallback`: one run per trial, named
-after it, its TrialConfig as params, the figure point as tags, every epoch's metrics,
+after it, its TrialConfig as params, the figure point as tags, every epoch's metrics once,
 by default in MLflow's own default store, a SQLite database ./mlflow.db) and Weights & Biases
 (`WandbLoggerCallback`: one run per trial, grouped by experiment, offline under ./wandb
 without an API key); TensorBoard needs nothing: Ray Tune writes event files into every
-trial's folder.
+trial's folder. A resumed run (`--resume`) logs on into the same MLflow runs.
 
 No Ray import at module level (the command line imports this module for its checks), and
 mlflow and wandb only when asked for (both take seconds to import): the two callback classes
@@ -42,6 +42,9 @@ SQL_STORE_MODULES = ("sqlalchemy", "alembic")
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 # Also logged every epoch besides the trial's own metrics (vocabulary.METRICS).
 RAY_METRICS = ("time_total_s",)
+# Logged at every step (Ray puts it in every result): its history in an MLflow run tells which
+# steps that run already holds.
+STEP_METRIC = "time_total_s"
 
 
 def check_installed(flags: list[str], mlflow: Optional[str] = None) -> None:
@@ -158,7 +161,8 @@ def _mlflow_callback() -> type:
         """Ray Tune's MLflow logger with one run per trial named after it (our trial_name), the
         TrialConfig fields as params under their own names (Ray's would log the nested config as
         `trial/lr`), the figure point as tags, our metrics every epoch with the epoch as step,
-        and a resumed trial logging on into its earlier run (found by its `trial_id` tag)."""
+        and a resumed trial logging on into its earlier run (found by its `trial_id` tag in the
+        run's MLflow experiment), each epoch once."""
 
         def setup(self, *args: Any, **kwargs: Any) -> None:
             if (self.tracking_uri or "").startswith("file:"):
@@ -166,39 +170,65 @@ def _mlflow_callback() -> type:
                 # --mlflow asks for it; the default store is a database, which needs no flag.
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             super().setup(*args, **kwargs)
+            # trial -> the highest step its MLflow run holds. A trial that goes back to its last
+            # checkpoint (a resumed run, a retry) reports the epochs after it again: MLflow
+            # keeps every value it is sent, so they would show up twice.
+            self._logged: dict[Any, int] = {}
 
         def log_trial_start(self, trial: Any) -> None:
             if trial in _started(self):
                 return
             config = _trial_config(trial)
-            run_id = self._earlier_run(trial.trial_id)
+            run_id, logged = self._earlier_run(trial.trial_id)
             if run_id is None:
                 tags = {**self.tags, **trial_tags(config), "trial_id": trial.trial_id,
                         "trial_name": str(trial)}
                 run_id = self.mlflow_util.start_run(run_name=str(trial), tags=tags).info.run_id
+                # Only a new run: MLflow refuses a param logged again with another value, and a
+                # resume under a newer TrialConfig must not stop the run for that.
+                self.mlflow_util.log_params(run_id=run_id, params_to_log=trial_params(config))
             _started(self)[trial] = run_id
-            self.mlflow_util.log_params(run_id=run_id, params_to_log=trial_params(config))
+            self._logged[trial] = logged
 
         def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
             if trial not in _started(self):
                 self.log_trial_start(trial)
-            step = result.get("epoch") or result.get("training_iteration") or iteration
+            step = int(result.get("epoch") or result.get("training_iteration") or iteration)
+            if step <= self._logged.get(trial, 0):
+                return  # MLflow has this epoch from before the trial went back to a checkpoint
             self.mlflow_util.log_metrics(run_id=_started(self)[trial],
-                                         metrics_to_log=epoch_metrics(result), step=int(step))
+                                         metrics_to_log=epoch_metrics(result), step=step)
+            self._logged[trial] = step
 
         def log_trial_end(self, trial: Any, failed: bool = False) -> None:
             if trial in _started(self):  # Ray's raises KeyError for a trial that never started
                 super().log_trial_end(trial, failed=failed)
+                # Ended: not one for on_experiment_end to mark KILLED. (A retry after an error
+                # ends nothing: Ray Tune starts the same trial again, which skips what it had.)
+                del _started(self)[trial]
+                self._logged.pop(trial, None)
 
-        def _earlier_run(self, trial_id: str) -> Optional[str]:
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            # The trials still started were stopped by Ctrl-C (or SIGTERM), which Ray Tune does
+            # without ending them in its callbacks: KILLED, until a resumed run takes them up.
+            for trial in list(_started(self)):
+                self.mlflow_util.end_run(run_id=_started(self).pop(trial), status="KILLED")
+            super().on_experiment_end(trials, **info)
+
+        def _earlier_run(self, trial_id: str) -> tuple[Optional[str], int]:
+            """The MLflow run this trial logged into before (this run, resumed; Ray's logger
+            keeps no state across a resume) and the highest step it holds; (None, 0) for a
+            trial new to MLflow. Once per trial start, through MLflow's public client."""
             from mlflow.tracking import MlflowClient  # already imported by Ray's logger
             client = MlflowClient(tracking_uri=self.tracking_uri)
             runs = client.search_runs([self.mlflow_util.experiment_id],
                                       filter_string=f"tags.trial_id = '{trial_id}'", max_results=1)
             if not runs:
-                return None
-            client.update_run(runs[0].info.run_id, status="RUNNING")
-            return runs[0].info.run_id
+                return None, 0
+            run_id = runs[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            steps = [int(m.step) for m in client.get_metric_history(run_id, STEP_METRIC)]
+            return run_id, max(steps, default=0)
 
     return MLflowCallback
 

@@ -1,6 +1,8 @@
 """Experiment tracking: --mlflow and --wandb through Ray Tune's logger callbacks, and the
 TensorBoard files Ray Tune writes anyway. One small Ray run (two trials on digits) feeds the
-MLflow, W&B and TensorBoard checks; the one-line refusals and the helpers need no Ray."""
+MLflow, W&B and TensorBoard checks; a resume is played on the MLflow callback's hooks with
+stand-in trials (into real local MLflow stores); the one-line refusals and the helpers need
+no Ray."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +17,7 @@ import pytest
 
 import iterand_tune.tracking as tracking
 from iterand_tune.cli import main
-from iterand_tune.storage import RunError
+from iterand_tune.storage import TRIAL_KEY, RunError
 from iterand_tune.tracking import (MLFLOW_DEFAULT, Tracking, check_installed, mlflow_uri,
                                    trial_params, trial_tags, wandb_mode, wandb_sync_command)
 
@@ -113,6 +115,113 @@ def test_wandb_sync_command_globs_many_runs():
     folders = [f"/w/wandb/offline-run-20260101_000000-abcde_{i:05d}" for i in range(5)]
     assert wandb_sync_command(folders[:2]) == "wandb sync " + " ".join(folders[:2])
     assert wandb_sync_command(folders) == "wandb sync /w/wandb/offline-run-*-abcde_*"
+
+
+# ------------------------------------------------------------------ a resume, on the hooks
+
+class StandInTrial:
+    """What Ray's logger callbacks read of a Ray Tune Trial. A resumed run's trials are new
+    objects with the ids they had: Ray Tune restores them from the run's experiment state."""
+
+    def __init__(self, trial_id: str, run_dir, experiment: str = "tiny_iterand") -> None:
+        self.trial_id, self.experiment_dir_name = trial_id, os.path.basename(run_dir)
+        self.config = {TRIAL_KEY: dict(ITERAND, experiment=experiment, model="conv6x0.25",
+                                       init_mode="kaiming_uniform", seed=1, lr=0.1)}
+        self.name = f"{experiment}-conv6x0.25-seed1-{trial_id}"
+        self.local_path = os.path.join(run_dir, self.name)
+        os.makedirs(self.local_path, exist_ok=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _report(callback, trial, epochs, value: float) -> None:
+    """Ray Tune's result for each epoch: val_acc `value` + the epoch."""
+    for epoch in epochs:
+        result = dict(epoch=epoch, val_acc=value + epoch, train_loss=1.0 / epoch,
+                      training_iteration=epoch, time_total_s=float(epoch), done=False)
+        callback.on_trial_result(iteration=epoch, trials=[trial], trial=trial, result=result)
+
+
+def _resumable(callback):
+    """What Ray Tune does with the run's callbacks: pickles them into tuner.pkl before the run
+    starts; a resumed run unpickles them afresh."""
+    import ray.cloudpickle
+
+    data = ray.cloudpickle.dumps(callback)
+    return lambda: ray.cloudpickle.loads(data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["sqlite", "folder"])
+def test_a_resumed_trial_logs_each_epoch_once_into_its_mlflow_run(tmp_path, monkeypatch, store):
+    """A run's trial A reports epochs 1-3 and trial B finishes, then Ctrl-C stops the run;
+    the resumed run restarts A from its checkpoint after epoch 1 (epochs 2-4) and starts C.
+    One MLflow run per trial, epochs 1-4 in A's once each (the values logged first), B's run
+    untouched."""
+    pytest.importorskip("mlflow")
+    if store == "sqlite":
+        _database_store_or_skip()
+    from mlflow.tracking import MlflowClient
+
+    for key in ("MLFLOW_ALLOW_FILE_STORE", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID",
+                "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(key, raising=False)  # restored afterwards, as is what setup sets
+    uri = mlflow_uri(f"sqlite:///{tmp_path}/mlflow.db" if store == "sqlite" else
+                     str(tmp_path / "mlruns"))
+    run_dir = tmp_path / "results" / RUN
+    restore = _resumable(Tracking(mlflow=uri).callbacks(RUN)[0])
+    a, b = StandInTrial("abcde_00000", run_dir), StandInTrial("abcde_00001", run_dir)
+
+    first = restore()
+    first.setup()
+    # MLflow 3's file store wants MLFLOW_ALLOW_FILE_STORE: set for a folder, not for a database.
+    assert os.environ.get("MLFLOW_ALLOW_FILE_STORE") == ("true" if store == "folder" else None)
+    for trial in (a, b):
+        first.on_trial_start(iteration=0, trials=[a, b], trial=trial)
+    _report(first, a, [1, 2, 3], 10.0)
+    _report(first, b, [1, 2], 10.0)
+    first.on_trial_complete(iteration=3, trials=[a, b], trial=b)
+    first.on_experiment_end(trials=[a, b])  # Ctrl-C: Ray Tune stops A without ending it
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(RUN)
+    assert sorted(r.info.status for r in client.search_runs([experiment.experiment_id])) == [
+        "FINISHED", "KILLED"]
+
+    histories = []
+    real = MlflowClient.get_metric_history
+    monkeypatch.setattr(MlflowClient, "get_metric_history",
+                        lambda self, run_id, key: histories.append(key) or real(self, run_id, key))
+    a, b, c = (StandInTrial(f"abcde_{i:05d}", run_dir) for i in range(3))
+    resumed = restore()
+    resumed.setup()
+    for trial in (a, c):  # B finished: Ray Tune does not start it again
+        resumed.on_trial_start(iteration=0, trials=[a, b, c], trial=trial)
+    _report(resumed, a, [2, 3, 4], 20.0)
+    _report(resumed, c, [1], 20.0)
+    # A retry in this driver (--max-failures): Ray Tune ends nothing, starts A again from its
+    # last checkpoint, here after epoch 3.
+    resumed.on_trial_recover(iteration=4, trials=[a, b, c], trial=a)
+    resumed.on_trial_start(iteration=4, trials=[a, b, c], trial=a)
+    _report(resumed, a, [4], 30.0)
+    for trial in (a, c):
+        resumed.on_trial_complete(iteration=4, trials=[a, b, c], trial=trial)
+    assert len(histories) == 1  # one look at A's run, when it started again; none per epoch
+
+    runs = {r.data.tags["trial_id"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert len(runs) == 3 and set(runs) == {a.trial_id, b.trial_id, c.trial_id}
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    history = {key: sorted((m.step, m.value) for m in
+                           client.get_metric_history(runs[a.trial_id].info.run_id, key))
+               for key in ("val_acc", "epoch", "train_loss", "time_total_s")}
+    assert history["val_acc"] == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0)]
+    for key, points in history.items():
+        assert [step for step, _ in points] == [1, 2, 3, 4], key
+    assert runs[a.trial_id].data.params["rerand_mode"] == "bernoulli"
+    assert [m.step for m in client.get_metric_history(runs[b.trial_id].info.run_id,
+                                                      "val_acc")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(runs[c.trial_id].info.run_id,
+                                                      "val_acc")] == [1]
 
 
 # ------------------------------------------------------------------ one tracked Ray run
