@@ -4,7 +4,7 @@ after it, its TrialConfig as params, the figure point as tags, every epoch's met
 by default in MLflow's own default store, a SQLite database ./mlflow.db) and Weights & Biases
 (`WandbLoggerCallback`: one run per trial, grouped by experiment, offline under ./wandb
 without an API key); TensorBoard needs nothing: Ray Tune writes event files into every
-trial's folder. A resumed run (`--resume`) logs on into the same MLflow runs.
+trial's folder. A resumed run (`--resume`) logs on into the same MLflow and W&B runs.
 
 No Ray import at module level (the command line imports this module for its checks), and
 mlflow and wandb only when asked for (both take seconds to import): the two callback classes
@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import importlib.util
 import netrc
 import os
+import posixpath
 import re
 import shlex
 from dataclasses import dataclass
@@ -29,8 +31,9 @@ from .config import FIELD_NAMES
 from .storage import TRIAL_KEY, RunError, experiment_state, open_storage
 from .vocabulary import METRICS, labels
 
-__all__ = ["Tracking", "MLFLOW_DEFAULT", "check_installed", "mlflow_uri",
-           "wandb_mode", "wandb_offline_runs", "wandb_sync_command", "trial_params", "trial_tags"]
+__all__ = ["Tracking", "MLFLOW_DEFAULT", "check_installed", "mlflow_uri", "wandb_mode",
+           "wandb_offline_runs", "wandb_run_id", "wandb_sync_command", "trial_params",
+           "trial_tags"]
 
 # --mlflow without a URI: MLflow's own default store (3.18 here; its file store, ./mlruns, is
 # in maintenance mode), a SQLite database in the working folder, no server; made absolute.
@@ -238,13 +241,15 @@ def _wandb_callback() -> type:
 
     class WandbCallback(WandbLoggerCallback):
         """Ray Tune's W&B logger with one run per trial named after it and grouped by its
-        experiment, the TrialConfig fields as the run's config, the figure point as tags, and
-        offline (files under ROOT/wandb, uploaded later with `wandb sync`) without an API key."""
+        experiment, the TrialConfig fields as the run's config, the figure point as tags, its
+        id wandb_run_id (a resumed trial logs on into it), and offline (files under
+        ROOT/wandb, uploaded later with `wandb sync`) without an API key."""
 
         def __init__(self, project: str, root: str) -> None:
             # Keywords Ray's logger does not know go to wandb.init (and override its own): one
-            # run per logging actor (a process of its own); a resumed trial continues its W&B
-            # run (online); W&B's summary of every run left out of our output.
+            # run per logging actor (a process of its own); a resumed trial continues the W&B
+            # run of its id (online; offline, `wandb sync` joins the folders of one id); W&B's
+            # summary of every run left out of our output.
             super().__init__(project=project, dir=root, reinit="finish_previous", resume="allow",
                              settings={"quiet": True})
 
@@ -261,7 +266,8 @@ def _wandb_callback() -> type:
             config = _trial_config(trial)
             tags = trial_tags(config)
             base = self.kwargs
-            self.kwargs = {**base, "group": config.get("experiment") or None,
+            self.kwargs = {**base, "id": wandb_run_id(trial.experiment_dir_name, trial.trial_id),
+                           "group": config.get("experiment") or None,
                            "config": {**tags, **trial_params(config)},
                            "tags": [f"{k}:{tags[k]}"[:64] for k in ("model", "method", "init")
                                     if k in tags]}
@@ -274,6 +280,15 @@ def _wandb_callback() -> type:
             # Ray's raises KeyError for a trial that never started (no logging actor, no queue).
             if trial in _started(self):
                 super().log_trial_end(trial, failed=failed)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            # Ctrl-C (or SIGTERM) stops the trials without ending them in Ray Tune's callbacks:
+            # their logging actors would wait for an end that never comes, and Ray's logger for
+            # them, up to its upload timeout (30 minutes), before the run could stop. A second
+            # end, to an actor still finishing, is never read.
+            for trial in list(_started(self)):
+                self.log_trial_end(trial, failed=True)
+            super().on_experiment_end(trials, **info)
 
     return WandbCallback
 
@@ -300,15 +315,26 @@ def __getattr__(name: str) -> Any:
 
 # ------------------------------------------------------------------ after the run
 
+def wandb_run_id(run_name: str, trial_id: str) -> str:
+    """W&B's run id for a trial: RUNKEY_TRIALID, RUNKEY 8 hex digits of the run's folder name.
+    The same when the run is resumed (Ray Tune restores its trial ids), so a resumed trial logs
+    on into its W&B run. The trial id alone is not unique in a W&B project: a grid run's ids are
+    5 hex digits of the clock (they come round every 7 minutes) and a counter, and with
+    resume="allow" a trial of another run with the same id would log into that run."""
+    return hashlib.sha1(run_name.encode()).hexdigest()[:8] + "_" + trial_id
+
+
 def wandb_offline_runs(run_path: str, root: Optional[str] = None) -> list[str]:
     """The offline W&B run folders (ROOT/wandb/offline-run-TIME-ID) of the run at `run_path`'s
-    trials: W&B's run id is Ray Tune's trial id."""
+    trials, ID wandb_run_id (or the trial id: runs started before it); a resumed trial has one
+    folder per start, all with its id."""
     folder = os.path.join(root or wandb_root(), "wandb")
     if not os.path.isdir(folder):
         return []
     try:
         fs, where = open_storage(run_path)
-        ids = set(experiment_state(fs, where))
+        name = posixpath.basename(where.rstrip("/"))
+        ids = {i for t in experiment_state(fs, where) for i in (t, wandb_run_id(name, t))}
     except Exception:  # noqa: BLE001 - a note after the run, never a reason to fail it
         return []
     return sorted(p for p in glob.glob(os.path.join(folder, "offline-run-*"))
@@ -316,12 +342,14 @@ def wandb_offline_runs(run_path: str, root: Optional[str] = None) -> list[str]:
 
 
 def wandb_sync_command(folders: list[str]) -> str:
-    """`wandb sync FOLDER ...`, shortened to one glob per run prefix when there are many."""
+    """`wandb sync FOLDER ...`, shortened to one glob per run when there are many."""
     if len(folders) <= 3:
         return "wandb sync " + " ".join(shlex.quote(f) for f in folders)
-    # Ray Tune's trial ids of one run share a prefix: PREFIX_00000, PREFIX_00001, ...
-    patterns = sorted({os.path.join(os.path.dirname(f), "offline-run-*-" +
-                                    os.path.basename(f).rsplit("-", 1)[-1].rsplit("_", 1)[0] + "_*")
-                       for f in folders})
-    return "wandb sync " + " ".join(shlex.quote(os.path.dirname(p)) + "/" + os.path.basename(p)
-                                    for p in patterns)
+    # The ids of one run's trials share its key (wandb_run_id: RUNKEY_TRIALID; runs started
+    # before it: a grid's PREFIX_00000, PREFIX_00001, ...); an id without one is listed as is.
+    out = set()
+    for f in folders:
+        key, sep, _ = os.path.basename(f).rsplit("-", 1)[-1].partition("_")
+        out.add(shlex.quote(os.path.dirname(f)) + f"/offline-run-*-{key}_*" if sep
+                else shlex.quote(f))
+    return "wandb sync " + " ".join(sorted(out))

@@ -1,8 +1,8 @@
 """Experiment tracking: --mlflow and --wandb through Ray Tune's logger callbacks, and the
 TensorBoard files Ray Tune writes anyway. One small Ray run (two trials on digits) feeds the
-MLflow, W&B and TensorBoard checks; a resume is played on the MLflow callback's hooks with
-stand-in trials (into real local MLflow stores); the one-line refusals and the helpers need
-no Ray."""
+MLflow, W&B and TensorBoard checks; a resume is played on the callbacks' hooks with stand-in
+trials (into real local MLflow stores and offline W&B runs); the one-line refusals and the
+helpers need no Ray."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +19,8 @@ import iterand_tune.tracking as tracking
 from iterand_tune.cli import main
 from iterand_tune.storage import TRIAL_KEY, RunError
 from iterand_tune.tracking import (MLFLOW_DEFAULT, Tracking, check_installed, mlflow_uri,
-                                   trial_params, trial_tags, wandb_mode, wandb_sync_command)
+                                   trial_params, trial_tags, wandb_mode, wandb_offline_runs,
+                                   wandb_run_id, wandb_sync_command)
 
 from helpers import EDGEPOPUP, ITERAND, trial_dirs, trial_states, write_digits
 
@@ -112,9 +113,22 @@ def test_what_a_trial_logs():
 
 
 def test_wandb_sync_command_globs_many_runs():
-    folders = [f"/w/wandb/offline-run-20260101_000000-abcde_{i:05d}" for i in range(5)]
+    key = wandb_run_id("run-20260101-000000", "")  # the run's key and "_"
+    folders = [f"/w/wandb/offline-run-20260101_000000-{key}abcde_{i:05d}" for i in range(5)]
     assert wandb_sync_command(folders[:2]) == "wandb sync " + " ".join(folders[:2])
-    assert wandb_sync_command(folders) == "wandb sync /w/wandb/offline-run-*-abcde_*"
+    assert wandb_sync_command(folders) == f"wandb sync /w/wandb/offline-run-*-{key}*"
+    # Runs started before the key: a grid's trial ids share a prefix; a search's do not.
+    older = [f"/w/wandb/offline-run-20260101_000000-abcde_{i:05d}" for i in range(3)]
+    assert wandb_sync_command([*older, "/w/wandb/offline-run-20260101_000000-1a2b3c4d"]) == (
+        "wandb sync /w/wandb/offline-run-*-abcde_* /w/wandb/offline-run-20260101_000000-1a2b3c4d")
+
+
+def test_wandb_run_ids_differ_between_runs_and_stay_over_a_resume():
+    # Ray Tune's grid trial ids of two runs can be equal (5 hex digits of the clock).
+    assert wandb_run_id("a-20260101-000000", "abcde_00000") != wandb_run_id("a-20260101-000712",
+                                                                            "abcde_00000")
+    assert wandb_run_id("a", "abcde_00000") == wandb_run_id("a", "abcde_00000")
+    assert wandb_run_id("a", "abcde_00000").endswith("_abcde_00000")
 
 
 # ------------------------------------------------------------------ a resume, on the hooks
@@ -224,6 +238,65 @@ def test_a_resumed_trial_logs_each_epoch_once_into_its_mlflow_run(tmp_path, monk
                                                       "val_acc")] == [1]
 
 
+@pytest.mark.slow
+def test_a_resumed_trial_logs_into_its_wandb_run_offline(ray_cluster, tmp_path, monkeypatch):
+    """Offline: trial A (epochs 1-3) and B in the first driver, stopped by Ctrl-C; A (epochs
+    2-4) and C in the resumed one. Every W&B run is finished, none left waiting; A's two
+    offline folders carry one W&B run id (W&B writes a folder per start; `wandb sync` uploads
+    the folders of one id into that run), and the note after the run lists all four."""
+    import ray
+
+    pytest.importorskip("wandb")
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no API key: offline
+    for key in ("CONFIG", "CACHE", "DATA"):
+        monkeypatch.setenv(f"WANDB_{key}_DIR", str(tmp_path / f"wandb-{key.lower()}"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # what setup sets goes afterwards
+    run_dir = tmp_path / "results" / RUN
+    restore = _resumable(Tracking(wandb=PROJECT, wandb_dir=str(tmp_path)).callbacks(RUN)[0])
+    a, b, c = (StandInTrial(f"abcde_{i:05d}", run_dir) for i in range(3))
+    # The run's experiment state, where the note after the run finds its trial ids.
+    with open(run_dir / "experiment_state-2026-01-01_00-00-00.json", "w") as f:
+        json.dump({"trial_data": [[json.dumps({"trial_id": t.trial_id}), "{}"]
+                                  for t in (a, b, c)]}, f)
+
+    first = restore()
+    first.setup()
+    for trial in (a, b):
+        first.on_trial_start(iteration=0, trials=[a, b], trial=trial)
+    _report(first, a, [1, 2, 3], 10.0)
+    _report(first, b, [1], 10.0)
+    first.on_trial_complete(iteration=3, trials=[a, b], trial=b)
+    # Ctrl-C: Ray Tune stops A without ending it. Ray's logger would wait for A's logging
+    # actor for its upload timeout (30 minutes) and then kill it; now it finishes A's W&B run.
+    running = first._trial_logging_futures[a]  # Ray's: A's logging actor's run()
+    first.on_experiment_end(trials=[a, b])
+    assert ray.get(running) is None  # it returned after wandb.finish; killed, it would raise
+
+    a, b, c = (StandInTrial(t.trial_id, run_dir) for t in (a, b, c))
+    resumed = restore()
+    resumed.setup()
+    for trial in (a, c):
+        resumed.on_trial_start(iteration=0, trials=[a, b, c], trial=trial)
+    _report(resumed, a, [2, 3, 4], 20.0)
+    _report(resumed, c, [1], 20.0)
+    for trial in (a, c):
+        resumed.on_trial_complete(iteration=4, trials=[a, b, c], trial=trial)
+    resumed.on_experiment_end(trials=[a, b, c])
+
+    folders = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*")))
+    ids = [f.rsplit("-", 1)[1] for f in folders]
+    assert sorted(ids) == sorted(wandb_run_id(RUN, t.trial_id) for t in (a, a, b, c)), ids
+    for folder in folders:
+        assert glob.glob(os.path.join(folder, "run-*.wandb")), os.listdir(folder)
+    assert wandb_offline_runs(str(run_dir), str(tmp_path)) == folders
+    command = wandb_sync_command(folders)  # four folders: a glob for the run's key
+    assert command == f"wandb sync {tmp_path}/wandb/offline-run-*-{wandb_run_id(RUN, '')}*"
+    assert sorted(glob.glob(command.split(" ", 2)[2])) == folders
+
+
 # ------------------------------------------------------------------ one tracked Ray run
 
 @pytest.fixture(scope="module")
@@ -306,9 +379,9 @@ def test_mlflow_gets_a_run_per_trial_with_params_metrics_and_tags(tracked_run):
 @pytest.mark.slow
 def test_wandb_saves_one_offline_run_per_trial(tracked_run):
     run_dir, root = tracked_run.run_dir, tracked_run.root
-    ids = sorted(trial_states(run_dir))
+    ids = sorted(wandb_run_id(RUN, t) for t in trial_states(run_dir))
     offline = sorted(glob.glob(str(root / "wandb" / "offline-run-*")))
-    assert sorted(p.rsplit("-", 1)[1] for p in offline) == ids  # W&B's run id: the trial id
+    assert sorted(p.rsplit("-", 1)[1] for p in offline) == ids  # the run's key and trial id
     for folder in offline:
         assert glob.glob(os.path.join(folder, "run-*.wandb")), os.listdir(folder)
     line = next(l for l in tracked_run.stdout.splitlines() if "wandb sync" in l)
