@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quickstart test test-kernels benchmark clean
+.PHONY: install quickstart test test-kernels test-resume benchmark clean
 
 # (Re)install when the package metadata changes; an existing .venv is reused.
 $(STAMP): setup.cfg pyproject.toml
@@ -23,7 +23,14 @@ quickstart: install
 # instance run in one, the rest in the other (tests/conftest.py). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -n $(TEST_WORKERS)
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not resume_loop"
+
+# Every kind of run (grid, search) with one and two trials at a time, its driver killed or
+# stopped with Ctrl-C at four moments, then resumed (tests/test_resume_loops.py, about 40
+# minutes on 2 cores). REPEAT=20 runs the whole set that many times in a row.
+REPEAT ?= 1
+test-resume: install
+	for i in $$(seq $(REPEAT)); do $(PY) -m pytest -n 0 -m resume_loop -x -q || exit 1; done
 
 # The tests that assert learning, again under ATen's portable and AVX2 CPU kernels: a CPU's vector
 # unit changes the numerics of a short training run, so a margin that holds on one CPU is checked

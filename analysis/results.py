@@ -7,8 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import pandas as pd
@@ -17,11 +15,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from iterand_tune.config import FIELD_NAMES, TrialConfig, field_type
-from iterand_tune.storage import (ERROR_FILE, EXPERIMENT_STATE, PARAMS_FILE, RESULT_FILE, TRIAL_KEY,
-                                  experiment_state,
-                                  join_path, open_storage, read_json, read_text)
+from iterand_tune.runs import ReadError, TrialRecord, read_run
+from iterand_tune.storage import open_storage
 from iterand_tune.terminal import POINT_STATS
-from iterand_tune.vocabulary import DIVERGED, METRICS, POINT_LABELS, labels, point_fields, point_rows
+from iterand_tune.vocabulary import METRICS, POINT_LABELS, labels, point_fields, point_rows
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -34,12 +31,6 @@ class ResultsError(Exception):
 # ------------------------------------------------------------------ vocabulary
 
 LABELS = POINT_LABELS            # figure-point labels: every row of every table carries them
-
-# Ray Tune's experiment-state status -> ours. A TERMINATED trial without a test accuracy was
-# stopped early (e.g. by ASHA): it did not finish its epochs; one whose last epoch says
-# `diverged` (its training loss was not finite) is `diverged`.
-STATUSES = {"TERMINATED": "finished", "RUNNING": "running", "PENDING": "pending",
-            "PAUSED": "paused", "ERROR": "errored"}
 
 RAY_TIMES = {"time_this_iter_s": "float64", "time_total_s": "float64", "timestamp": "float64"}
 # Ray Tune's bookkeeping in result.json: not metrics.
@@ -72,37 +63,6 @@ def _default(name: str) -> Any:
 
 # ------------------------------------------------------------------ reading a run
 
-@dataclass
-class _Trial:
-    trial_id: str
-    folder: Optional[str]            # filesystem path of the trial's folder (None: never started)
-    display: Optional[str]           # the folder as the user wrote the run's path (URI or path)
-    config: dict[str, Any] = field(default_factory=dict)
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    ray_status: Optional[str] = None
-    error: Optional[str] = None
-    has_error_file: bool = False
-
-    @property
-    def status(self) -> str:
-        finished = bool(self.rows) and self.rows[-1].get("test_acc") is not None
-        # A trial whose training loss was not finite reports that epoch and stops: not an error.
-        diverged = bool(self.rows) and self.rows[-1].get(DIVERGED) is True
-        if self.ray_status is not None:
-            status = STATUSES.get(self.ray_status, self.ray_status.lower())
-            if status == "finished" and diverged:
-                return DIVERGED
-            return "stopped" if status == "finished" and not finished else status
-        # No experiment state (or the trial is not in it): infer from the files.
-        if diverged:
-            return DIVERGED
-        if finished:
-            return "finished"
-        if self.has_error_file:
-            return "errored"
-        return "running" if self.rows else "pending"
-
-
 def open_path(path: PathLike) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path on it) for a folder or a URI such as s3://bucket/run."""
     text = os.fspath(path)
@@ -116,117 +76,21 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def _read_result_rows(text: Optional[str]) -> list[dict[str, Any]]:
-    """result.json's reports in file order; a line cut off mid-write is skipped."""
-    rows = []
-    for line in (text or "").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get("epoch") is not None:
-            rows.append(row)
-    # After a resume the epochs since the last checkpoint are reported again: the later report
-    # is the one the trial continued from.
-    last: dict[Any, dict[str, Any]] = {}
-    for row in rows:
-        last.pop(row["epoch"], None)
-        last[row["epoch"]] = row
-    return sorted(last.values(), key=lambda r: r["epoch"])
-
-
-def _list(fs: pafs.FileSystem, root: str, shown: str) -> list[pafs.FileInfo]:
+def _read_run(path: PathLike) -> list[TrialRecord]:
+    """Every trial of the run at `path`, through the project's one run reader."""
     try:
-        info = fs.get_file_info(root)
-    except (pa.ArrowException, OSError) as err:
-        raise ResultsError(f"cannot read {shown}: {_first_line(err)}") from None
-    if info.type == pafs.FileType.NotFound:
-        raise ResultsError(f"no results at {shown}: no such folder")
-    if info.type != pafs.FileType.Directory:
-        raise ResultsError(f"{shown} is a file, not a run's folder (STORAGE/NAME, which holds "
-                           "experiment_state-*.json and one folder per trial)")
+        return read_run(os.fspath(path)).trials
+    except ReadError as err:
+        raise ResultsError(str(err)) from None
+
+
+def skipped_folders(path: PathLike) -> list[str]:
+    """The folders of the run that hold a second copy of a trial and are not counted, one line
+    each (the same that the run's own summary names)."""
     try:
-        return fs.get_file_info(pafs.FileSelector(root))
-    except (pa.ArrowException, OSError) as err:
-        raise ResultsError(f"cannot list {shown}: {_first_line(err)}") from None
-
-
-def _read_run(path: PathLike) -> list[_Trial]:
-    """Every trial of the run at `path`: configs, reports, statuses, errors."""
-    shown = os.fspath(path)
-    fs, root = open_path(path)
-    entries = _list(fs, root, shown)
-    names = [e.base_name for e in entries]
-    state = experiment_state(fs, root, names)
-    folders = [e.base_name for e in entries if e.type == pafs.FileType.Directory]
-    by_logdir = {s["logdir"]: tid for tid, s in state.items() if s["logdir"]}
-
-    def read(folder: str) -> Optional[_Trial]:
-        base = join_path(root, folder)
-        params = read_json(fs, join_path(base, PARAMS_FILE))
-        text = read_text(fs, join_path(base, RESULT_FILE))
-        error = read_text(fs, join_path(base, ERROR_FILE))
-        if params is None and text is None and error is None and folder not in by_logdir:
-            return None  # not a trial's folder (e.g. Ray's driver artifacts)
-        rows = _read_result_rows(text)
-        config = params.get(TRIAL_KEY) if isinstance(params, dict) else None
-        if not isinstance(config, dict):
-            config = rows[-1].get("config", {}).get(TRIAL_KEY, {}) if rows else {}
-        trial_id = by_logdir.get(folder) or (rows[-1].get("trial_id") if rows else None) \
-            or folder.rsplit("-", 1)[-1]
-        display = shown.rstrip("/") + "/" + folder if "://" in shown else base
-        return _Trial(trial_id, base, display, dict(config), rows, has_error_file=error is not None,
-                      error=_last_line(error) if error is not None else None)
-
-    # Object stores answer slowly but in parallel: read the trials' files concurrently.
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        trials = _one_per_trial([t for t in pool.map(read, folders) if t is not None])
-    known = {t.trial_id for t in trials}
-    for t in trials:
-        if t.trial_id in state:
-            t.ray_status = state[t.trial_id]["status"]
-            if not t.config:
-                t.config = dict(state[t.trial_id]["config"])
-    # Trials Ray has not started yet have no folder, only an entry in the experiment state.
-    for tid, s in state.items():
-        if tid not in known:
-            trials.append(_Trial(tid, None, None, dict(s["config"]), ray_status=s["status"]))
-    if not trials:
-        runs = [n for n in folders if _looks_like_run(fs, join_path(root, n))]
-        hint = (f"; it holds runs: {', '.join(sorted(runs)[:5])}{', ...' if len(runs) > 5 else ''}"
-                " - pass one of them" if runs else "")
-        raise ResultsError(f"no Ray Tune results at {shown} (no experiment_state-*.json, no trial "
-                           f"folders with params.json){hint}")
-    return sorted(trials, key=lambda t: t.trial_id)  # Ray numbers trials in grid order
-
-
-def _one_per_trial(trials: list[_Trial]) -> list[_Trial]:
-    """One folder per trial id. After a killed driver's run is resumed, Ray Tune 2.60 can start
-    a grid point again as a new trial with the same id, in a second folder NAME_xxxx: the same
-    configuration run twice. The folder whose last report is newest is read; the other is left."""
-    newest: dict[str, _Trial] = {}
-    for t in trials:
-        last = t.rows[-1].get("timestamp", 0) if t.rows else 0
-        kept = newest.get(t.trial_id)
-        if kept is None or last > (kept.rows[-1].get("timestamp", 0) if kept.rows else 0):
-            newest[t.trial_id] = t
-    return list(newest.values())
-
-
-def _looks_like_run(fs: pafs.FileSystem, folder: str) -> bool:
-    try:
-        return any(EXPERIMENT_STATE.fullmatch(e.base_name)
-                   for e in fs.get_file_info(pafs.FileSelector(folder)))
-    except (pa.ArrowException, OSError):
-        return False
-
-
-def _last_line(text: str) -> str:
-    """The exception line of a traceback (its last non-empty line)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+        return read_run(os.fspath(path)).notes()
+    except ReadError as err:
+        raise ResultsError(str(err)) from None
 
 
 def _labels(trial_id: str, config: dict[str, Any]) -> dict[str, Any]:

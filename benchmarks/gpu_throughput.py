@@ -461,7 +461,7 @@ def part_b(models: list[str], ks: list[int], epochs: int, iters: int, batch: int
     import ray  # only (b) needs Ray: a GPU machine without it runs (a) and gpu_check's packing
 
     from iterand_tune.experiments import Experiment
-    from iterand_tune.tune import RunOptions, run
+    from iterand_tune.tune import RunOptions, grid_marker, run
 
     rows = [] if rows is None else rows
 
@@ -497,9 +497,10 @@ def part_b(models: list[str], ks: list[int], epochs: int, iters: int, batch: int
                                    max_train_dataset_size=max_train, use_cuda=gpu)
                 name = f"tput_{model.replace('.', '_')}_k{k}"
                 exp = Experiment(name, config, {"seed": list(range(1, k + 1))})
-                opts = RunOptions(storage_path=storage, name=name, gpus_per_trial=gpus / k,
-                                  cpus_per_trial=1, max_concurrent=k, max_failures=0, verbose=0)
-                summary = run([exp], opts, echo=lambda _line: None)
+                opts = RunOptions(storage_path=storage, name=name, marker=grid_marker([exp]),
+                                  gpus_per_trial=gpus / k, cpus_per_trial=1, max_concurrent=k,
+                                  max_failures=0, verbose=0)
+                summary = run(opts, echo=lambda _line: None)
                 if not summary.ok:
                     raise SystemExit(f"(b) {model} k={k}: trials failed or did not finish "
                                      f"({summary.errored or summary.unfinished}); see {opts.path}")

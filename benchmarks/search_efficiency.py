@@ -73,9 +73,10 @@ def run_search(epochs: int, num_samples: int, grace: int, rf: float) -> tuple[di
     search = SearchRun(points([experiment]), num_samples, grace_period=grace,
                        reduction_factor=rf, seed=0)
     with tempfile.TemporaryDirectory() as storage:
-        opts = RunOptions(storage_path=storage, name="search", cpus_per_trial=1, verbose=0)
+        opts = RunOptions(storage_path=storage, name="search", marker=search.marker(),
+                          cpus_per_trial=1, verbose=0)
         start = time.time()
-        summary = run(search.experiments, opts, search=search)
+        summary = run(opts, search=search)
         seconds = time.time() - start
     if not summary.rows:
         raise SystemExit("the search produced no result")

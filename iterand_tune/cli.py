@@ -14,13 +14,15 @@ import os
 import shlex
 import sys
 import time
+from importlib import metadata
 from typing import Any, Optional, Sequence
 
 from .config import METHODS, ConfigError, ExperimentError, TrialConfig, parse_value
 from .data import DataError
 from .experiments import Experiment, all_trials, load, prepare, select
 from .resources import check_address, check_gpus
-from .storage import RunError, absolute, exists, is_search_run, join_path, newest_run
+from .runs import RUN_FILE, read_marker
+from .storage import RunError, absolute, exists, join_path, newest_run
 from .terminal import OneLineParser, UsageError, format_table, run_main
 from .tracking import MLFLOW_DEFAULT, Tracking, check_installed, mlflow_uri, wandb_offline_runs, \
     wandb_root, wandb_sync_command
@@ -40,7 +42,7 @@ def _build_train_parser() -> argparse.ArgumentParser:
                        help="override a TrialConfig option, e.g. --set lr=0.1 (repeatable)")
     train.add_argument("--data-dir", help="dataset folder (same as --set dataset_dir=DIR)")
     train.add_argument("--download", action="store_true",
-                       help="download the dataset if absent (same as --set dataset_download=true)")
+                       help="download the dataset if absent: the default already (same as --set dataset_download=true)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
     train.add_argument("--json", action="store_true", help="print each epoch's metrics as JSON")
     return train
@@ -67,24 +69,31 @@ def _build_run_parser() -> argparse.ArgumentParser:
                    help="where results go: a folder (made absolute) or a URI such as s3://bucket/x "
                         "(default: ./ray_results)")
     p.add_argument("--name", help="the run's folder name (default: FILE's name and the time)")
-    p.add_argument("--address", help="join an existing Ray cluster: auto, HOST:PORT or "
-                                     "ray://HOST:PORT (default: RAY_ADDRESS, else a local one)")
+    p.add_argument("--address", help="the Ray to run on: auto (a `ray start` cluster on this "
+                                     "machine), local (a new Ray of this run's own), HOST:PORT or "
+                                     "ray://HOST:PORT (default: RAY_ADDRESS, else local)")
     p.add_argument("--data-dir", help="dataset folder for every trial (made absolute)")
-    p.add_argument("--download", action="store_true", help="download datasets that are absent")
+    p.add_argument("--download", action="store_true",
+                   help="download datasets that are absent: the default already "
+                        "(dataset_download=true), so this matters only for an experiment that "
+                        "sets dataset_download=false")
     p.add_argument("--gpus-per-trial", type=float, metavar="G",
                    help="GPUs per trial: 1/k (0.5, 0.25, ...) or a whole number "
                         "(default: from the model's size, 1/4 for small nets)")
-    p.add_argument("--cpus-per-trial", type=float, metavar="C", help="CPUs per trial (default 1)")
+    p.add_argument("--cpus-per-trial", type=float, metavar="C", help="CPUs per trial (default 1; ImageNet trials 1 + num_workers)")
     p.add_argument("--max-concurrent", type=int, metavar="N", help="at most N trials at once")
     p.add_argument("--max-failures", type=int, default=3, metavar="N",
                    help="retry a failed trial N times from its last checkpoint (default 3)")
     p.add_argument("--no-reuse-actors", dest="reuse_actors", action="store_false",
-                   help="start a new process for every trial (slower: a process start and a torch "
-                        "import each); Ray Tune's actor reuse has misbehaved under heavy load")
+                   help="start a new process for every trial instead of reusing worker processes "
+                        "(each trial then pays a process start and a torch import)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run (--name, else the newest run of FILE)")
+                   help="continue an interrupted run (--name, else the newest run of FILE) with "
+                        "the options it started with (its run.json)")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
-                   help="Ray Tune progress output: 0 none, 1 status (default), 2 every result")
+                   help="what the run prints while it runs: 0 no progress lines, only the final "
+                        "table; 1 a line per finished trial and the progress with an ETA "
+                        "(default); 2 Ray Tune's own status tables and log lines instead")
     s = p.add_argument_group("hyperparameter search (docs/search.md)")
     s.add_argument("--search", action="store_true",
                    help="search each figure point's space (the experiments' `search`) with its own "
@@ -99,17 +108,18 @@ def _build_run_parser() -> argparse.ArgumentParser:
                    help="with --search: ASHA keeps the best 1/F at each rung (default 3)")
     s.add_argument("--search-seed", type=int, metavar="S",
                    help="with --search: base of every point's TPE seed (default 0)")
-    s.add_argument("--from-search", metavar="RESULTS",
+    s.add_argument("--from-search", metavar="RUN",
                    help="run each best configuration of a --search run (its folder or URI) with "
                         "seeds 1, 2, 3 to the end, FIFO, with test accuracy")
     t = p.add_argument_group("experiment tracking (docs/tracking.md; TensorBoard: "
                              "tensorboard --logdir RUN)")
     t.add_argument("--mlflow", nargs="?", const=MLFLOW_DEFAULT, metavar="TRACKING_URI",
-                   help="log every trial to MLflow, one run per trial (default ./mlruns: a local "
-                        "store, no server; or http://HOST:5000); needs iterand_tune[mlflow]")
+                   help="log every trial to MLflow, one run per trial (default ./mlflow.db: a "
+                        "local SQLite store, no server; a folder: a file store; or "
+                        "http://HOST:5000); needs the mlflow extra: pip install -e '.[mlflow]'")
     t.add_argument("--wandb", metavar="PROJECT",
                    help="log every trial to W&B project PROJECT, grouped by experiment; offline "
-                        "under ./wandb without an API key; needs iterand_tune[wandb]")
+                        "under ./wandb without an API key; needs the wandb extra: pip install -e '.[wandb]'")
     return p
 
 
@@ -212,8 +222,88 @@ def _run_name(args: argparse.Namespace, storage: str) -> str:
     return newest
 
 
+# The options that shape a run: recorded in its run.json, taken back by --resume (which refuses
+# a different value). Where the run goes and how it prints (--storage-path, --name, --address,
+# --verbose) may change between sessions.
+SHAPING = ("keys", "only", "overrides", "smoke_test", "data_dir", "download", "gpus_per_trial",
+           "cpus_per_trial", "max_concurrent", "max_failures", "reuse_actors", "search",
+           "num_samples", "grace_period", "reduction_factor", "search_seed", "from_search",
+           "mlflow", "wandb")
+
+
+def _flag(name: str) -> str:
+    return "FILE's KEYs" if name == "keys" else "--set" if name == "overrides" else \
+        "--no-reuse-actors" if name == "reuse_actors" else "--" + name.replace("_", "-")
+
+
+def _take_marker_flags(args: argparse.Namespace, marker: dict[str, Any], path: str) -> None:
+    """--resume: the run's own flags (run.json) for every shaping option not given; one line for
+    an option given with another value."""
+    recorded = marker.get("flags") or {}
+    defaults = _build_run_parser()
+    for name in SHAPING:
+        if name not in recorded:
+            continue
+        given, default = getattr(args, name), defaults.get_default(name)
+        if given != default and given != recorded[name]:
+            if name == "search":
+                raise UsageError(f"{path} is a grid run (its run.json): resume it without --search")
+            had = (f"the run's {_shown(recorded[name])}" if recorded[name] not in (None, False, [], "")
+                   else f"a run started without {_flag(name)}")
+            raise UsageError(f"--resume: {_flag(name)} {_shown(given)} contradicts {had} (its "
+                             "run.json); drop it: a resumed run keeps the options it started with")
+        setattr(args, name, recorded[name])
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _marker(args: argparse.Namespace, kind: str, experiments: Sequence[Experiment],
+            search: Any = None) -> dict[str, Any]:
+    """run.json: what kind of run, the experiment file (path and text) and names, the options that
+    shape it, the planned trials (a grid) or points (a search), each experiment's resources, the
+    versions of the package, torch and Ray."""
+    try:
+        with open(args.file) as f:
+            text = f.read()
+    except OSError:
+        text = None
+    marker: dict[str, Any] = {
+        "file": os.path.abspath(args.file), "file_text": text,
+        "flags": {name: getattr(args, name) for name in SHAPING},
+        "command": ["python", "-m", "iterand_tune", *sys.argv[1:]],
+        "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    marker.update(_tune().grid_marker(experiments) if kind == "grid" else search.marker())
+    return marker
+
+
+def _versions() -> dict[str, Optional[str]]:
+    out: dict[str, Optional[str]] = {"python": sys.version.split()[0]}
+    for name in ("iterand_tune", "torch", "ray", "hyperopt"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
     _check_run_flags(args)
+    storage = absolute(args.storage_path)
+    marker: Optional[dict[str, Any]] = None
+    if args.resume and not args.dry_run:
+        name = _run_name(args, storage)
+        path = join_path(storage, name)
+        if not exists(path):
+            raise RunError(f"--resume: there is no run to resume at {path}")
+        marker = read_marker(path)
+        if marker is None:
+            raise RunError(f"--resume: {path} has no {RUN_FILE}: it was started by an older "
+                           "version of iterand_tune, or it is not a run's folder; resume it with "
+                           "the version that started it, or start it again under a new --name")
+        _take_marker_flags(args, marker, path)
+        _check_run_flags(args)
     tracking = _tracking(args)
     try:
         gpus = check_gpus(args.gpus_per_trial, "--gpus-per-trial")
@@ -228,35 +318,42 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(experiments, args.json)
 
-    storage = absolute(args.storage_path)
-    name = _run_name(args, storage)
-    path = join_path(storage, name)
-    if not args.resume and exists(path):
-        raise UsageError(f"{path} already holds a run: add --resume to continue it, "
-                         "or choose another --name")
-    if args.resume and exists(path) and is_search_run(path) != bool(args.search):
-        how = ("a --search run: resume it with --search --resume" if is_search_run(path)
-               else "not a search run: resume it without --search")
-        raise UsageError(f"{path} is {how}")
+    if marker is None:
+        name = _run_name(args, storage)
+        path = join_path(storage, name)
+        if exists(path):
+            raise UsageError(f"{path} already holds a run: add --resume to continue it, "
+                             "or choose another --name")
     check_address(args.address)  # a dead cluster is one line, before anything else is said
     tune = _tune()
-    opts = tune.RunOptions(storage_path=storage, name=name, address=args.address,
-                           gpus_per_trial=gpus, cpus_per_trial=args.cpus_per_trial,
-                           max_concurrent=args.max_concurrent, max_failures=args.max_failures,
-                           resume=args.resume, verbose=args.verbose, reuse_actors=args.reuse_actors,
-                           tracking=tracking)
+    search_run = None
     if args.search:
-        return _run_search(pts, num_samples, args, opts)
-    n = sum(len(e) for e in experiments)
+        search = _search()
+        search_run = search.SearchRun(pts, num_samples, args.grace_period,
+                                      args.reduction_factor or search.DEFAULT_REDUCTION_FACTOR,
+                                      args.search_seed or 0)
+    fresh = _marker(args, "search" if args.search else "grid", experiments, search_run)
+    if marker is not None:
+        _same_plan(marker, fresh, args.file)
+    opts = tune.RunOptions(storage_path=storage, name=name, marker=marker or fresh,
+                           address=args.address, gpus_per_trial=gpus,
+                           cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent,
+                           max_failures=args.max_failures, resume=args.resume,
+                           verbose=args.verbose, reuse_actors=args.reuse_actors, tracking=tracking)
+    if args.search:
+        return _run_search(search_run, args, opts)
+    n = len(opts.planned)
     print(f"{'resuming' if args.resume else 'starting'} {name}: {n} trials of "
           f"{len(experiments)} experiment(s); results in {opts.path}", flush=True)
-    summary = tune.run(experiments, opts)
+    summary = tune.run(opts)
     if summary.interrupted:
         return _interrupted(summary, args, name)
     print()
     print(summary.table())
-    for note in dict.fromkeys(e.note for e in experiments if e.note):
+    notes = (opts.marker.get("experiments") or {}).values()
+    for note in dict.fromkeys(e.get("note") for e in notes if e.get("note")):
         print(f"\nnote: {note}")
+    _skipped(summary.skipped)
     print(f"\nresults: {summary.path}  ({summary.seconds:.0f} s)")
     print(f"tables and figures: python -m analysis table {summary.path}; "
           f"python -m analysis figure2 {summary.path} -o figure2.png")
@@ -273,6 +370,32 @@ def _run(args: argparse.Namespace) -> int:
               f"continue with: {_resume_command(args, name)}", file=sys.stderr)
         code = 1
     return code
+
+
+def _same_plan(marker: dict[str, Any], fresh: dict[str, Any], file: str) -> None:
+    """--resume with an experiment file that no longer plans what the run was started with: a
+    grid run goes on as started (run.json holds its trials); a search cannot (its points are
+    rebuilt from the file)."""
+    if marker.get("kind") == "search":
+        if marker.get("points") != fresh.get("points"):
+            raise RunError(f"--resume: {file} no longer defines the points this search started "
+                           f"with ({', '.join(marker.get('points') or [])}); resume it with the "
+                           "file as it was (its text is in the run's run.json)")
+    elif _plan_text(marker) != _plan_text(fresh):
+        print(f"note: {file} has changed since the run started; it resumes with the trials it "
+              "started with (its run.json)", flush=True)
+
+
+def _plan_text(marker: dict[str, Any]) -> str:
+    """A grid run's planned trials as text, but their data folders (made absolute from wherever
+    the command runs)."""
+    trials = [{k: v for k, v in t.items() if k != "dataset_dir"} for t in marker.get("trials") or []]
+    return json.dumps(trials, sort_keys=True, default=str)
+
+
+def _skipped(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(f"note: {line}")
 
 
 def _some(names: Sequence[str], n: int = 3) -> str:
@@ -309,10 +432,7 @@ def _interrupted(summary: Any, args: argparse.Namespace, name: str) -> int:
 def _tracking(args: argparse.Namespace) -> Tracking:
     """--mlflow and --wandb, checked before anything starts: their packages are optional."""
     flags = [f for f, v in (("--mlflow", args.mlflow), ("--wandb", args.wandb)) if v is not None]
-    if flags and args.resume:
-        raise UsageError(f"--resume continues a run with the tracking it began with (Ray Tune "
-                         f"restores its callbacks): drop {' and '.join(flags)}")
-    check_installed(flags)
+    check_installed(flags, mlflow=args.mlflow)
     if args.wandb is not None and not args.wandb.strip():
         raise UsageError("--wandb needs a project name")
     return Tracking(mlflow=mlflow_uri(args.mlflow) if args.mlflow is not None else None,
@@ -340,9 +460,6 @@ def _search() -> Any:
 def _check_run_flags(args: argparse.Namespace) -> None:
     if args.json and not args.dry_run:
         raise UsageError("--json goes with --dry-run")
-    if args.resume and (args.overrides or args.smoke_test or args.data_dir or args.download):
-        raise UsageError("--resume continues a run with the trials it has; drop --set, "
-                         "--smoke-test, --data-dir and --download")
     for flag, value, low in (("--max-concurrent", args.max_concurrent, 1),
                              ("--max-failures", args.max_failures, 0),
                              ("--num-samples", args.num_samples, 1),
@@ -391,18 +508,16 @@ def _dry_run_search(pts: Sequence[Any], num_samples: int, grace_period: Optional
     return 0
 
 
-def _run_search(pts: Sequence[Any], num_samples: int, args: argparse.Namespace, opts: Any) -> int:
+def _run_search(run: Any, args: argparse.Namespace, opts: Any) -> int:
     search = _search()
-    run = search.SearchRun(pts, num_samples, args.grace_period,
-                           args.reduction_factor or search.DEFAULT_REDUCTION_FACTOR,
-                           args.search_seed or 0, build=not args.resume)
-    print(f"{'resuming' if args.resume else 'starting'} {opts.name}: search of {len(pts)} figure "
-          f"point(s), {num_samples} trials each; results in {opts.path}", flush=True)
-    summary = _tune().run(run.experiments, opts, search=run)
+    print(f"{'resuming' if args.resume else 'starting'} {opts.name}: search of {len(run.points)} "
+          f"figure point(s), {run.per_point} trials each; results in {opts.path}", flush=True)
+    summary = _tune().run(opts, search=run)
     if summary.interrupted:
         return _interrupted(summary, args, opts.name)
     print()
     print(summary.table())
+    _skipped(summary.skipped)
     written = search.write_best_configs(summary.rows, summary.path) if summary.rows else []
     print(f"\nresults: {summary.path}  ({summary.seconds:.0f} s)")
     _tracking_notes(summary.path)
@@ -420,7 +535,7 @@ def _run_search(pts: Sequence[Any], num_samples: int, args: argparse.Namespace, 
 def _from_search(args: argparse.Namespace) -> list[Experiment]:
     """The best configurations of a search run, as experiments of seeds 1-3 (FIFO)."""
     search = _search()
-    rows = search.read_best_configs(absolute(args.from_search))
+    rows = search.searched_best(absolute(args.from_search))
     names = {e.name for e in load(args.file, args.keys)}
     if args.only:
         names &= set(args.only)

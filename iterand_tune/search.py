@@ -1,37 +1,39 @@
 """Hyperparameter search: figure points (an experiment times one combination of its grid axes
-other than the seed), the Ray Tune searcher and scheduler that give every point its own HyperOpt
-TPE and ASHA while all points share the cluster in one run, and the best-configuration table
-(Parquet + JSON) that `--from-search` reproduces. Search spaces are written with the Ray-free
-domains of `iterand_tune.search_space`.
+other than the seed), the searcher and scheduler that give every point its own HyperOpt TPE and
+ASHA while all points share the cluster in one run (both rebuilt from the run's trials on resume),
+and the best configurations (Parquet + JSON) that `--from-search` reproduces. Search spaces are
+written with the Ray-free domains of `iterand_tune.search_space`.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
-import os
-import pickle
-import tempfile
-from dataclasses import dataclass
+import logging
+import math
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray import cloudpickle
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.hyperopt import HyperOptSearch
 
 from .config import ExperimentError, TrialConfig
 from .experiments import Experiment
+from .ray_assumptions import ENDED, ERROR, trial_storage
+from .runs import ORDER_KEY, POINT_KEY, SAMPLE_KEY, SEEN_KEY, ReadError, Run, read_reports, read_run
 from .search_space import Domain, cast
 from .storage import TRIAL_KEY, join_path, open_storage
 from .terminal import format_table
+from .tune.runner import grid_marker
+from .tune.searchers import OwnedSearcher
 from .vocabulary import VALIDATION_METRIC
 
 METRIC, MODE, TIME_ATTR = VALIDATION_METRIC, "max", "epoch"  # what TPE and ASHA optimise, ASHA's clock
-POINT_KEY = "point"                 # top-level key of a search trial's config: its figure point
 BEST_CONFIGS = "best_configs"       # best_configs.parquet / best_configs.json in the run's folder
 REPRODUCE_SEEDS = (1, 2, 3)
 DEFAULT_NUM_SAMPLES = 20            # trials per figure point
@@ -96,232 +98,282 @@ def n_initial_points(num_samples: int) -> int:
     return max(2, min(20, num_samples // 4))
 
 
-# ------------------------------------------------------------------ saved state
-
-def _saved(obj: Any) -> bytes:
-    """`obj`'s state as bytes, through its public `save(path)` (Ray's searchers and schedulers
-    save to a file; Ray Tune stores ours, bytes included, with every experiment checkpoint)."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "state")
-        obj.save(path)
-        with open(path, "rb") as f:
-            return f.read()
-
-
-def _restore(obj: Any, data: bytes) -> None:
-    """The inverse of `_saved`, through `obj`'s public `restore(path)`."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "state")
-        with open(path, "wb") as f:
-            f.write(data)
-        obj.restore(path)
-
-
 # ------------------------------------------------------------------ the searcher
 
-class PointSearcher(Searcher):
-    """One HyperOptSearch (TPE) per figure point. Trials are handed out round-robin over the
-    points that have budget left; results and completions go to the owning point's TPE only.
-    FINISHED once every point has issued its `num_samples` trials. The PointScheduler's state
-    is saved with ours: Ray Tune saves a searcher's state with every experiment checkpoint but
-    never a scheduler's."""
+class PointSearcher(OwnedSearcher):
+    """One HyperOpt TPE per figure point. Samples are handed out round-robin over the points that
+    have budget left; results and completions go to the owning point's TPE only. Each sample's
+    config records its point, its number there, its place among all samples and the samples of
+    its point whose results its TPE had seen (`seen`), so that the TPEs can be rebuilt from the
+    trials alone: after a resume each point's TPE is made anew from its seed and replayed, sample
+    by sample, with exactly the results it had seen, and proposes what it would have proposed.
+    FINISHED once every point has its `num_samples` samples and all of them ended."""
 
     def __init__(self, pts: Sequence[Point], num_samples: int, seed: int = 0,
-                 scheduler: Optional["PointScheduler"] = None) -> None:
-        super().__init__(metric=METRIC, mode=MODE)
+                 max_concurrent: Optional[int] = None) -> None:
+        super().__init__(max_concurrent)
         self.points = {p.name: p for p in pts}
-        self.budget = {p.name: num_samples for p in pts}
-        self.issued = {p.name: 0 for p in pts}
-        self.owner: dict[str, str] = {}     # trial id -> point
-        self.cursor = 0
-        self.point_scheduler = scheduler
-        self.tpe = {}
-        for p in pts:
-            space = HyperOptSearch.convert_search_space({k: d.to_tune() for k, d in p.space.items()})
-            self.tpe[p.name] = HyperOptSearch(
-                space=space, metric=METRIC, mode=MODE, random_state_seed=point_seed(seed, p.name),
-                n_initial_points=n_initial_points(num_samples))
+        self.num_samples, self.seed = num_samples, seed
+        self._fresh()
 
-    def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict,
-                              **spec: Any) -> bool:
-        return metric in (None, METRIC) and mode in (None, MODE) and not config
+    def _fresh(self) -> None:
+        self.tpe = {n: self._new_tpe(p) for n, p in self.points.items()}
+        self.issued: dict[str, dict[int, str]] = {n: {} for n in self.points}  # sample -> trial id
+        self.owner: dict[str, tuple[str, int]] = {}    # trial id -> (point, sample)
+        self.fed: set[str] = set()                     # trial ids whose result the TPE has
+        self.order, self.cursor = 0, 0
+
+    def _new_tpe(self, p: Point) -> HyperOptSearch:
+        space = HyperOptSearch.convert_search_space({k: d.to_tune() for k, d in p.space.items()})
+        return HyperOptSearch(space=space, metric=METRIC, mode=MODE,
+                              random_state_seed=point_seed(self.seed, p.name),
+                              n_initial_points=n_initial_points(self.num_samples))
+
+    # --------------------------------------------------------------- rebuilt from the trials
+
+    def rebuild(self, first: bool) -> None:
+        mine = [t for t in self.trials if _sample_of(t.config) is not None]
+        if not first and {t.trial_id for t in mine} == set(self.owner):
+            return  # the usual step: the controller holds what was handed out
+        self._replay(mine)
+
+    def _replay(self, trials: Sequence[Any]) -> None:
+        self._fresh()
+        ended = {t.trial_id: t for t in trials if t.status in ENDED}
+        by_point: dict[str, dict[int, Any]] = {}
+        for t in trials:
+            name, k = _sample_of(t.config)
+            if name in self.points:
+                by_point.setdefault(name, {})[k] = t
+        changed = []
+        for name, samples in by_point.items():
+            for k in sorted(samples):
+                t = samples[k]
+                for j in t.config.get(SEEN_KEY) or ():
+                    s = samples.get(j)
+                    if s is not None and s.trial_id in ended:
+                        self._feed(name, s.trial_id, ended[s.trial_id])
+                sampled = self.tpe[name].suggest(t.trial_id)
+                if sampled is not None and self.points[name].trial(sampled) != t.config.get(TRIAL_KEY):
+                    changed.append(f"{name} sample {k}")
+                self.issued[name][k], self.owner[t.trial_id] = t.trial_id, (name, k)
+            for t in samples.values():
+                if t.trial_id in ended:
+                    self._feed(name, t.trial_id, t)
+        if changed:  # e.g. another HyperOpt version: later proposals follow the recorded results
+            logging.getLogger(__name__).warning(
+                "the search's TPE, replayed, proposes other values than the run recorded for %s",
+                ", ".join(changed[:3]))
+        orders = [(t.config.get(ORDER_KEY), t) for t in trials if isinstance(t.config.get(ORDER_KEY), int)]
+        if orders:
+            last, t = max(orders, key=lambda o: o[0])
+            names = list(self.points)
+            self.order = last + 1
+            point = _sample_of(t.config)[0]
+            self.cursor = (names.index(point) + 1) % len(names) if point in names else 0
+
+    def _feed(self, name: str, trial_id: str, trial: Any) -> None:
+        if trial_id in self.fed:
+            return
+        result = dict(trial.last_result or {})
+        self.tpe[name].on_trial_complete(trial_id, result or None,
+                                         error=trial.status == ERROR or METRIC not in result)
+        self.fed.add(trial_id)
+
+    # --------------------------------------------------------------- Ray Tune's hooks
 
     def suggest(self, trial_id: str) -> Any:
+        if not self.synced:
+            return None
+        if self._all_ended():
+            return Searcher.FINISHED
+        if self.full():
+            return None
         names = list(self.points)
         for i in range(len(names)):
             name = names[(self.cursor + i) % len(names)]
-            if self.issued[name] >= self.budget[name]:
+            issued = self.issued[name]
+            if len(issued) >= self.num_samples:
                 continue
             sampled = self.tpe[name].suggest(trial_id)
             if sampled is None:  # defensive: HyperOptSearch always proposes
                 continue
-            self.cursor = (self.cursor + i + 1) % len(names)
-            self.issued[name] += 1
-            self.owner[trial_id] = name
-            return {TRIAL_KEY: self.points[name].trial(sampled), POINT_KEY: name}
-        return Searcher.FINISHED
+            k = next(j for j in range(len(issued) + 1) if j not in issued)
+            seen = sorted(j for j, tid in issued.items() if tid in self.fed)
+            config = {TRIAL_KEY: self.points[name].trial(sampled), POINT_KEY: name,
+                      SAMPLE_KEY: k, ORDER_KEY: self.order, SEEN_KEY: seen}
+            issued[k], self.owner[trial_id] = trial_id, (name, k)
+            self.order, self.cursor = self.order + 1, (self.cursor + i + 1) % len(names)
+            return self.hand(config)
+        return None  # every sample handed out; some still run
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self.owner:
-            self.tpe[self.owner[trial_id]].on_trial_result(trial_id, result)
+    def _all_ended(self) -> bool:
+        if self.handed or any(len(v) < self.num_samples for v in self.issued.values()):
+            return False
+        ended = {t.trial_id for t in self.trials if t.status in ENDED}
+        return set(self.owner) <= ended
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None,
                           error: bool = False) -> None:
-        if trial_id not in self.owner:
+        if trial_id not in self.owner or trial_id in self.fed:
             return
         if result is not None and METRIC not in result:
             error = True  # never reported an epoch: nothing for TPE to learn
-        self.tpe[self.owner[trial_id]].on_trial_complete(trial_id, result, error=error)
+        self.tpe[self.owner[trial_id][0]].on_trial_complete(trial_id, result, error=error)
+        self.fed.add(trial_id)
 
-    def get_state(self) -> dict[str, Any]:
-        return {"budget": dict(self.budget), "issued": dict(self.issued),
-                "owner": dict(self.owner), "cursor": self.cursor,
-                "tpe": {n: _saved(s) for n, s in self.tpe.items()},
-                "scheduler": (self.point_scheduler.get_state()
-                              if self.point_scheduler is not None else None)}
 
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        self.budget, self.issued = dict(state["budget"]), dict(state["issued"])
-        self.owner, self.cursor = dict(state["owner"]), state["cursor"]
-        for n, data in state["tpe"].items():
-            _restore(self.tpe[n], data)
-        if self.point_scheduler is not None and state.get("scheduler") is not None:
-            self.point_scheduler.set_state(state["scheduler"])
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            cloudpickle.dump(self.get_state(), f)  # Ray's own format for a searcher's state
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.set_state(cloudpickle.load(f))
+def _sample_of(config: Any) -> Optional[tuple[str, int]]:
+    if isinstance(config, dict) and isinstance(config.get(POINT_KEY), str) \
+            and isinstance(config.get(SAMPLE_KEY), int):
+        return config[POINT_KEY], config[SAMPLE_KEY]
+    return None
 
 
 # ------------------------------------------------------------------ the scheduler
 
+def rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
+    """ASHA's milestones: grace, grace*F, grace*F^2, ... up to max_t (as Ray Tune's ASHA)."""
+    n = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return [int(grace_period * reduction_factor ** k) for k in range(max(n, 1))]
+
+
 class PointScheduler(FIFOScheduler):
-    """One ASHAScheduler per figure point (time_attr epoch, metric val_acc, max_t = the point's
-    epochs): every hook goes to the owning point's ASHA, so a trial is only ever ranked against
-    trials of its own point. Pending trials start FIFO."""
+    """Asynchronous successive halving (ASHA) per figure point, so a trial is only ever ranked
+    against trials of its own point: at each milestone epoch a trial's validation accuracy is
+    recorded, and the trial stops when it is below the (1 - 1/F) quantile of what the point's
+    other trials recorded there. The records are a function of the trials' reports: after a
+    resume they are read back from the restored trials' reports in storage."""
 
     def __init__(self, pts: Sequence[Point], grace_period: Optional[int] = None,
                  reduction_factor: float = DEFAULT_REDUCTION_FACTOR) -> None:
         super().__init__()
-        self.asha: dict[str, ASHAScheduler] = {}
+        self.rf = reduction_factor
         self.max_t = {p.name: p.epochs for p in pts}
-        for p in pts:
-            grace = min(grace_period or default_grace_period(p.epochs), p.epochs)
-            self.asha[p.name] = ASHAScheduler(
-                time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=p.epochs,
-                grace_period=grace, reduction_factor=reduction_factor)
-        self.members: dict[str, set] = {p.name: set() for p in pts}  # trial ids each ASHA knows
+        self.milestones = {p.name: rungs(min(grace_period or default_grace_period(p.epochs), p.epochs),
+                                         reduction_factor, p.epochs) for p in pts}
+        self.recorded: dict[str, dict[int, dict[str, float]]] = {
+            p.name: {m: {} for m in self.milestones[p.name]} for p in pts}
         self.stopped: dict[str, list] = {p.name: [] for p in pts}   # (trial id, epoch) cut short
+        self.loaded = False
 
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec: Any) -> bool:
         return metric in (None, METRIC) and mode in (None, MODE)
 
-    def _add(self, tune_controller: Any, trial: Any) -> ASHAScheduler:
-        point = trial.config[POINT_KEY]
-        if trial.trial_id not in self.members[point]:  # also a trial restored without saved state
-            self.asha[point].on_trial_add(tune_controller, trial)
-            self.members[point].add(trial.trial_id)
-        return self.asha[point]
+    def sync(self, trials: Sequence[Any]) -> None:
+        """Before the first step of a session: the records of trials that reported before it (a
+        resumed run), from their reports in storage up to the epoch each was restored at."""
+        if self.loaded:
+            return
+        self.loaded = True
+        for t in trials:
+            sample = _sample_of(t.config)
+            epoch = int((t.last_result or {}).get(TIME_ATTR) or 0)
+            if sample is None or sample[0] not in self.recorded or epoch < 1:
+                continue
+            fs, folder = trial_storage(t)
+            reports, _ = read_reports(fs, folder)
+            for row in reports:
+                if row.get(TIME_ATTR) is not None and row[TIME_ATTR] <= epoch:
+                    self.record(sample[0], t.trial_id, row)
+            last = reports[-1] if reports else {}
+            if t.status in ENDED and last.get(TIME_ATTR, 0) < self.max_t[sample[0]] \
+                    and t.status != ERROR and not last.get("diverged"):
+                self.stopped[sample[0]].append((t.trial_id, last.get(TIME_ATTR, 0)))
 
-    def _leave(self, trial: Any) -> Optional[ASHAScheduler]:
-        """The trial's ASHA if it knows the trial, which it then forgets."""
-        point = trial.config[POINT_KEY]
-        if trial.trial_id not in self.members[point]:
+    def record(self, point: str, trial_id: str, result: Mapping[str, Any]) -> Optional[float]:
+        """Record a report at a milestone; the cutoff it was held against (None: none)."""
+        epoch, value = result.get(TIME_ATTR), result.get(METRIC)
+        rung = self.recorded[point].get(epoch) if epoch is not None else None
+        if rung is None or value is None or trial_id in rung:
             return None
-        self.members[point].discard(trial.trial_id)
-        return self.asha[point]
-
-    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        self._add(tune_controller, trial)
-
-    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
-        asha = self._leave(trial)
-        if asha is not None:
-            asha.on_trial_error(tune_controller, trial)
+        others = [v for k, v in rung.items() if k != trial_id]
+        cutoff = float(np.nanpercentile(others, (1 - 1 / self.rf) * 100)) if others else None
+        rung[trial_id] = float(value)
+        return cutoff
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        decision = self._add(tune_controller, trial).on_trial_result(tune_controller, trial, result)
-        point, epoch = trial.config[POINT_KEY], result.get(TIME_ATTR, 0)
-        if decision == TrialScheduler.STOP and epoch < self.max_t[point]:
+        point = (trial.config or {}).get(POINT_KEY)
+        if point not in self.recorded:
+            return TrialScheduler.CONTINUE
+        cutoff = self.record(point, trial.trial_id, result)
+        epoch = result.get(TIME_ATTR, 0)
+        if cutoff is not None and result[METRIC] < cutoff and epoch < self.max_t[point]:
             self.stopped[point].append((trial.trial_id, epoch))
-        return decision
-
-    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-        asha = self._leave(trial)
-        if asha is not None:
-            asha.on_trial_complete(tune_controller, trial, result)
-
-    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
-        asha = self._leave(trial)
-        if asha is not None:
-            asha.on_trial_remove(tune_controller, trial)
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
 
     def debug_string(self) -> str:
         return "per-point ASHA: " + ", ".join(f"{n}: {len(s)} stopped" for n, s in self.stopped.items())
 
-    def get_state(self) -> dict[str, Any]:
-        return {"asha": {n: _saved(a) for n, a in self.asha.items()},
-                "members": {n: sorted(m) for n, m in self.members.items()},
-                "stopped": {n: list(s) for n, s in self.stopped.items()}}
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        for n, data in state["asha"].items():
-            _restore(self.asha[n], data)
-        self.members = {n: set(m) for n, m in state["members"].items()}
-        self.stopped = {n: list(s) for n, s in state["stopped"].items()}
-
+    # Nothing to save: the records are rebuilt from the trials' reports.
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.get_state(), f)  # the format of Ray's own schedulers' save()
+        with open(checkpoint_path, "w") as f:
+            json.dump({"state": "rebuilt from the trials' reports"}, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.set_state(pickle.load(f))
+        pass
 
 
 # ------------------------------------------------------------------ one search run
 
 class SearchRun:
-    """What `tune.run` needs for a search: the points as experiments, the searcher, the
-    scheduler, the total number of trials, and how to summarise the results."""
+    """What `tune.run` needs for a search: the points, the searcher, the scheduler, the total
+    number of trials, and how to summarise the results."""
 
     def __init__(self, pts: Sequence[Point], num_samples: int = DEFAULT_NUM_SAMPLES,
                  grace_period: Optional[int] = None,
-                 reduction_factor: float = DEFAULT_REDUCTION_FACTOR, seed: int = 0,
-                 build: bool = True) -> None:
+                 reduction_factor: float = DEFAULT_REDUCTION_FACTOR, seed: int = 0) -> None:
         self.points = list(pts)
+        self.per_point = num_samples
         self.num_samples = num_samples * len(self.points)
-        self.scheduler = self.searcher = None
-        if build:  # a resumed run uses the searcher and scheduler Ray Tune saved
-            self.scheduler = PointScheduler(self.points, grace_period, reduction_factor)
-            self.searcher = PointSearcher(self.points, num_samples, seed, self.scheduler)
+        self.scheduler = PointScheduler(self.points, grace_period, reduction_factor)
+        self.searcher = PointSearcher(self.points, num_samples, seed)
 
     @property
     def experiments(self) -> list[Experiment]:
         return [p.experiment for p in self.points]
 
-    def summarize(self, grid: Any, path: str, seconds: float) -> "SearchSummary":
-        trials: dict[str, list] = {p.name: [] for p in self.points}
-        errored = 0
-        for result in grid:
-            config = result.config or {}
-            if POINT_KEY not in config:
-                errored += 1
-                continue
-            if result.error is not None:
-                errored += 1
-            trials.setdefault(config[POINT_KEY], []).append(
-                (config[TRIAL_KEY], result.metrics or {}, str(getattr(result, "path", "") or "")))
-        rows = [row for p in self.points if (row := best_row(p, trials[p.name])) is not None]
-        missing = [p.name for p in self.points if not any(r["point"] == p.name for r in rows)]
-        return SearchSummary(path, rows, missing, errored, seconds)
+    def marker(self) -> dict[str, Any]:
+        """What run.json says of the search: its kind, its points' experiments (resources), the
+        points, their searched options and epochs, the samples per point."""
+        marker = grid_marker(self.experiments)
+        del marker["trials"]
+        return {**marker, "kind": "search", "points": [p.name for p in self.points],
+                "num_samples": self.per_point,
+                "searched": {p.name: list(p.space) for p in self.points},
+                "max_epochs": {p.name: p.epochs for p in self.points}}
+
+    def summarize(self, run: Run, seconds: float) -> "SearchSummary":
+        rows, missing, errored = best_rows(run)
+        return SearchSummary(run.path, rows, missing, errored, seconds, skipped=run.notes())
 
 
-def best_row(point: Point, trials: Sequence[tuple[dict, dict, str]]) -> Optional[dict[str, Any]]:
+def best_rows(run: Run) -> tuple[list[dict[str, Any]], list[str], int]:
+    """The best row of every point of a search run (read by runs.read_run), the points without
+    one, and how many trials failed."""
+    marker = run.marker or {}
+    names = list(marker.get("points") or [])
+    trials: dict[str, list] = {n: [] for n in names}
+    errored = 0
+    for t in run.started:
+        if t.slot is None or t.slot[0] != "search":
+            continue
+        errored += t.status == "errored"
+        trials.setdefault(t.slot[1], []).append(({"experiment": t.config.get("experiment"),
+                                                   **t.config}, t.last, t.display or ""))
+    rows = []
+    for name in trials:
+        row = best_row(name, (marker.get("searched") or {}).get(name, []),
+                       int((marker.get("max_epochs") or {}).get(name, 0)), trials[name])
+        if row is not None:
+            rows.append(row)
+    missing = [n for n in trials if not any(r["point"] == n for r in rows)]
+    return rows, missing, errored
+
+
+def best_row(point: str, searched: Sequence[str], max_epochs: int,
+             trials: Sequence[tuple[dict, dict, str]]) -> Optional[dict[str, Any]]:
     """The point's best trial: highest `best_val_acc` (its best validation accuracy over the
     epochs it ran, stopped early or not); ties go to the trial that trained longer. A trial
     that diverged (training loss not finite) is never the best: its configuration is unstable."""
@@ -334,15 +386,15 @@ def best_row(point: Point, trials: Sequence[tuple[dict, dict, str]]) -> Optional
     config["evaluate_test"] = True  # the reproduction reports test accuracy
     cfg = TrialConfig.from_dict(config)
     return {
-        "point": point.name,
+        "point": point,
         "experiment": trial["experiment"],
         "model": cfg.model,
         "method": cfg.method,
-        "searched": {k: config[k] for k in point.space},
+        "searched": {k: config[k] for k in searched if k in config},
         "best_val_acc": float(acc),
         "best_epoch": int(metrics.get("best_epoch") or 0),
         "epochs_trained": int(epochs),
-        "max_epochs": point.epochs,
+        "max_epochs": max_epochs,
         "trial_id": metrics.get("trial_id"),
         "trials": len(trials),
         "epochs_spent": int(sum(m.get("epoch", 0) or 0 for _, m, _ in trials)),
@@ -358,6 +410,7 @@ class SearchSummary:
     errored: int
     seconds: float
     interrupted: Any = None  # iterand_tune.tune.Interruption after Ctrl-C / SIGTERM
+    skipped: list[str] = field(default_factory=list)  # folders not counted (runs.Run.notes)
 
     @property
     def ok(self) -> bool:
@@ -398,18 +451,26 @@ def write_best_configs(rows: Sequence[Mapping[str, Any]], run_path: str) -> list
     return [join_path(run_path, BEST_CONFIGS + ".parquet"), join_path(run_path, BEST_CONFIGS + ".json")]
 
 
-def read_best_configs(run_path: str) -> list[dict[str, Any]]:
-    """The rows written by `write_best_configs`; ExperimentError when there are none."""
-    where = join_path(run_path, BEST_CONFIGS + ".json")
+def searched_best(run_path: str) -> list[dict[str, Any]]:
+    """The best configuration of every point of a finished search run, read from its folder
+    through the run reader (as the search's own summary chose them); ExperimentError when the
+    folder holds no finished search."""
     try:
-        fs, path = open_storage(where)
-        with fs.open_input_stream(path) as f:
-            rows = json.loads(f.read().decode())
-    except (FileNotFoundError, OSError, pa.ArrowException, ValueError):
-        raise ExperimentError(f"{run_path} holds no readable {BEST_CONFIGS}.json: give the folder "
-                              "of a finished --search run (its `results:` line)") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "config" in r for r in rows):
-        raise ExperimentError(f"{where} is not a table of best configurations")
+        run = read_run(run_path)
+    except ReadError as err:
+        raise ExperimentError(f"--from-search: {err}") from None
+    marker = run.marker or {}
+    if run.kind != "search":
+        raise ExperimentError(f"--from-search: {run_path} is not a --search run "
+                              f"({'its run.json says ' + repr(run.kind) if run.marker else 'no run.json'})")
+    total = int(marker.get("num_samples") or 0) * len(marker.get("points") or [])
+    ended = sum(t.ended for t in run.started)
+    if ended < total:
+        raise ExperimentError(f"--from-search: the search at {run_path} has ended {ended} of its "
+                              f"{total} trials: resume it first (its `continue with:` line)")
+    rows, _, _ = best_rows(run)
+    if not rows:
+        raise ExperimentError(f"--from-search: no trial of {run_path} reported a validation accuracy")
     return rows
 
 

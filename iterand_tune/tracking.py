@@ -28,7 +28,8 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 from .config import FIELD_NAMES
-from .storage import TRIAL_KEY, RunError, experiment_state, open_storage
+from .runs import read_run
+from .storage import TRIAL_KEY, RunError, open_storage
 from .vocabulary import METRICS, labels
 
 __all__ = ["Tracking", "MLFLOW_DEFAULT", "check_installed", "mlflow_uri", "wandb_mode",
@@ -334,7 +335,8 @@ def wandb_offline_runs(run_path: str, root: Optional[str] = None) -> list[str]:
     try:
         fs, where = open_storage(run_path)
         name = posixpath.basename(where.rstrip("/"))
-        ids = {i for t in experiment_state(fs, where) for i in (t, wandb_run_id(name, t))}
+        ids = {i for t in read_run(run_path, require=False).started
+               for i in (t.trial_id, wandb_run_id(name, t.trial_id))}
     except Exception:  # noqa: BLE001 - a note after the run, never a reason to fail it
         return []
     return sorted(p for p in glob.glob(os.path.join(folder, "offline-run-*"))

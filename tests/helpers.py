@@ -15,12 +15,14 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 
 import iterand_tune.supermask as supermask
 from iterand_tune.config import METHODS, TrialConfig
-from iterand_tune.storage import experiment_state, open_storage
+from iterand_tune.runs import read_run, state_files
+from iterand_tune.storage import open_storage
 from iterand_tune.training import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
@@ -131,20 +133,19 @@ def result_rows(trial_dir) -> list[dict]:
 
 
 def run_rows(run_dir) -> dict[str, list[dict]]:
-    """trial_id -> reports, for every trial of the run that reported at least once."""
-    out = {}
-    for d in trial_dirs(run_dir):
-        rows = result_rows(d)
-        if rows:
-            out[rows[-1]["trial_id"]] = rows
-    return out
+    """trial_id -> reports (one per epoch), for every trial of the run that reported at least
+    once, read as the package reads a run (runs.read_run)."""
+    return {t.trial_id: t.rows for t in read_run(str(run_dir)).started if t.rows}
 
 
 def trial_states(run_dir) -> dict[str, tuple[str, int]]:
-    """trial_id -> (Ray Tune status, last reported epoch), from the newest experiment state."""
+    """trial_id -> (Ray Tune status, last reported epoch), from the newest readable experiment
+    state ({} before the first)."""
     fs, root = open_storage(str(run_dir))
-    return {tid: (s["status"], s["last_result"].get("epoch", 0))
-            for tid, s in experiment_state(fs, root).items()}
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))]
+    good = next((s for s in state_files(fs, root, names) if s.trials is not None), None)
+    return {t["trial_id"]: (t["status"], t["last_result"].get("epoch", 0))
+            for t in (good.trials if good else [])}
 
 
 def trained_here(trial: Mapping[str, Any]) -> list[dict]:

@@ -98,6 +98,14 @@ def _set_state(run, statuses):
         json.dump(state, f)
 
 
+def _checkpoints_up_to(folder, epoch):
+    """Remove the trial's checkpoints after `epoch` (each holds every report up to its epoch)."""
+    for c in glob.glob(os.path.join(folder, "checkpoint_*")):
+        with open(os.path.join(c, "reports.json")) as f:
+            if json.load(f)[-1]["epoch"] > epoch:
+                shutil.rmtree(c)
+
+
 @pytest.fixture
 def partial_run(digits_run, tmp_path):
     """A copy of the run (2 epochs) with one trial running (1 epoch + a line cut mid-write), one
@@ -111,7 +119,9 @@ def partial_run(digits_run, tmp_path):
     rows = result_rows(running)
     with open(os.path.join(running, "result.json"), "w") as f:
         f.write(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:40])
+    _checkpoints_up_to(running, 1)
     first = result_rows(errored)[0]
+    _checkpoints_up_to(errored, 1)
     with open(os.path.join(errored, "result.json"), "w") as f:
         f.write(json.dumps(first) + "\n")
     with open(os.path.join(errored, "error.txt"), "w") as f:
@@ -160,8 +170,11 @@ def test_without_experiment_state_the_status_comes_from_the_files(partial_run):
     run, ids = partial_run
     for path in glob.glob(os.path.join(run, "experiment_state-*.json")):
         os.remove(path)
-    df = load_results(run).set_index("trial_id")
-    assert len(df) == 7  # the trial that never started left no folder
+    df = load_results(run)
+    assert len(df) == 8  # the trial that never started: a planned point of run.json, pending
+    (pending,) = df.index[df["trial_id"].isna()]
+    assert df.loc[pending, "status"] == "pending" and df.loc[pending, "experiment"].startswith("tiny_")
+    df = df.dropna(subset=["trial_id"]).set_index("trial_id")
     assert df.loc[ids[0], "status"] == "running"
     assert df.loc[ids[1], "status"] == "errored"
     assert df.loc[ids[3], "status"] == "finished"

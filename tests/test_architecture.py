@@ -16,10 +16,12 @@ PACKAGE = os.path.join(ROOT, "iterand_tune")
 
 # Lowest first: a module may import only modules before it. `data` is a package (data/*),
 # whose modules may also import each other. `__main__` sits on top of everything.
-LAYERS = ("vocabulary", "config", "supermask", "models", "data", "training", "storage", "terminal",
-          "resources", "search_space", "experiments", "tracking", "tune", "search", "cli", "__main__")
-# Shared by both command lines and the analysis package: nothing of the package but the vocabulary.
-LEAVES = {"storage": {"vocabulary"}, "terminal": {"vocabulary"}, "vocabulary": set()}
+LAYERS = ("vocabulary", "config", "supermask", "models", "data", "training", "storage",
+          "ray_assumptions", "runs", "terminal", "resources", "search_space", "experiments",
+          "tracking", "tune", "search", "cli", "__main__")
+# Shared by both command lines and the analysis package: the run reader and what it stands on.
+LEAVES = {"storage": {"vocabulary"}, "terminal": {"vocabulary"}, "vocabulary": set(),
+          "ray_assumptions": {"storage"}, "runs": {"storage", "ray_assumptions", "vocabulary"}}
 
 # Imports inside functions: (module, imported name) -> why (each line also says so in a comment).
 LATE_IMPORTS = {
@@ -33,11 +35,12 @@ LATE_IMPORTS = {
     ("tracking", "ray.tune.logger.mlflow.MLflowLoggerCallback"): "imports mlflow: only with --mlflow",
     ("tracking", "mlflow.tracking.MlflowClient"): "mlflow is optional",
     ("tracking", "ray.tune.logger.wandb.WandbLoggerCallback"): "imports wandb: only with --wandb",
+    ("ray_assumptions", "ray.train.constants._get_ray_train_session_dir"): "Ray's private API, one function",
     ("cli", "iterand_tune.tune"): "train, --help and --dry-run work without Ray",
     ("cli", "iterand_tune.search"): "only a search needs Ray Tune's searchers and HyperOpt",
 }
 # What the analysis package may use of iterand_tune.
-ANALYSIS_USES = {"vocabulary", "storage", "terminal", "config"}
+ANALYSIS_USES = {"vocabulary", "storage", "terminal", "config", "runs", "ray_assumptions"}
 
 
 def _modules(root: str, package: str) -> dict[str, str]:

@@ -240,26 +240,37 @@ def test_existing_run_name_is_not_overwritten(tmp_path, capsys, no_run):
         assert "must be a folder name" in capsys.readouterr().err
 
 
-def test_resume_must_match_the_kind_of_run(tmp_path, capsys, no_run):
+def test_resume_takes_the_runs_own_options_and_refuses_others(tmp_path, capsys, no_run):
+    """--resume reads the run's run.json (not Ray's files) for what kind of run it is and the
+    options it started with; an option given with another value is one line, nothing started."""
     exp = write_digits(str(tmp_path), {"tiny": {}}, search={"tiny": {"lr": "LogUniform(0.05, 0.5)"}})
-    run_dir = tmp_path / "r" / "s"
-    run_dir.mkdir(parents=True)
-    (run_dir / "search_gen_state-2026-11-28_12-00-00.json").write_text("{}")
-    rc = main([exp, "--storage-path", str(tmp_path / "r"), "--name", "s", "--resume"])
+    storage = tmp_path / "r"
+    for name, kind in (("g", "grid"), ("s", "search")):
+        (storage / name).mkdir(parents=True)
+        flags = {"max_concurrent": 2, "overrides": ["lr=0.2"], "search": kind == "search"}
+        (storage / name / "run.json").write_text(json.dumps({"kind": kind, "flags": flags}))
+    for argv, message in (
+            (["--name", "g", "--search"], "is a grid run (its run.json): resume it without --search"),
+            (["--name", "s", "--max-concurrent", "3"],
+             "--max-concurrent 3 contradicts the run's 2 (its run.json)"),
+            (["--name", "g", "--set", "lr=0.3"], "--set lr=0.3 contradicts the run's lr=0.2"),
+            (["--name", "absent"], "there is no run to resume at"),
+    ):
+        (storage / "old").mkdir(exist_ok=True)
+        rc = main([exp, "--storage-path", str(storage), "--resume", *argv])
+        err = capsys.readouterr().err.splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], (argv, err)
+    rc = main([exp, "--storage-path", str(storage), "--resume", "--name", "old"])
     err = capsys.readouterr().err.splitlines()
-    assert rc == 2 and len(err) == 1 and "resume it with --search --resume" in err[0]
-    plain = tmp_path / "r" / "p"
-    plain.mkdir()
-    rc = main([exp, "--search", "--storage-path", str(tmp_path / "r"), "--name", "p", "--resume"])
-    err = capsys.readouterr().err.splitlines()
-    assert rc == 2 and len(err) == 1 and "not a search run" in err[0]
+    assert rc == 2 and len(err) == 1 and "has no run.json: it was started by an older" in err[0]
+    assert sorted(p.name for p in (storage / "g").iterdir()) == ["run.json"]  # nothing written
 
 
 def test_search_user_errors_are_one_line(tmp_path, capsys, no_run):
     plain = write_experiments(tmp_path / "plain.py", ("p", dict(dataset="digits"), dict(seed=[1])))
     for argv, message in (
             ([plain, "--search", "--dry-run"], "defines no search space"),
-            ([plain, "--from-search", str(tmp_path), "--dry-run"], "holds no readable best_configs.json"),
+            ([plain, "--from-search", str(tmp_path), "--dry-run"], "--from-search: no Ray Tune results at"),
             ([plain, "--num-samples", "3"], "go(es) with --search"),
             ([plain, "--search", "--reduction-factor", "1"], "must be > 1"),
             ([plain, "--search", "--from-search", str(tmp_path)], "two steps")):

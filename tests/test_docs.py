@@ -489,17 +489,7 @@ FACTS = {
 
 # Help texts of iterand_tune/cli.py that disagree with the docs today (issue 22); each case
 # xpasses, and fails as such, once its text is changed: then remove it here.
-PENDING_HELP = {
-    "history:run:--no-reuse-actors",
-    "install:run:--mlflow",
-    "install:run:--wandb",
-    "values:run:--address",
-    "metavar:run:--from-search",
-    "facts:run:--cpus-per-trial",
-    "facts:run:--download",
-    "facts:train:--download",
-    "facts:run:--verbose",
-}
+PENDING_HELP: set = set()
 
 
 def option_rows(command: str) -> dict[str, str]:

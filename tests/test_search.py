@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from types import SimpleNamespace
 
 import pytest
-from ray import cloudpickle
 
 from iterand_tune.cli import main
 from iterand_tune.experiments import Experiment, load
 from iterand_tune.search import (POINT_KEY, PointScheduler, PointSearcher, default_grace_period,
-                                 n_initial_points, point_seed, points, read_best_configs,
-                                 reproduction, write_best_configs)
+                                 n_initial_points, point_seed, points, reproduction,
+                                 write_best_configs)
+from iterand_tune.runs import read_run
+from iterand_tune.search import searched_best
 from iterand_tune.search_space import LogUniform, QUniform
 
 from helpers import DIGITS, kill_driver_when, resume, run_rows, trial_states, write_digits
@@ -62,47 +62,104 @@ def _two_points(num_samples=3):
     return points([good, bad])
 
 
-def test_searcher_gives_each_point_its_own_tpe_round_robin():
+def _trial(tid, config, status="PENDING", last=None, storage=None):
+    """A trial as Ray Tune's controller holds it, for what the searcher and scheduler read."""
+    return SimpleNamespace(trial_id=tid, config=config, status=status, last_result=last or {},
+                           storage=storage)
+
+
+def _val(config):
+    """A made-up validation accuracy for a sampled learning rate: best near lr 0.2."""
+    return 90.0 - 100 * abs(config["trial"]["lr"] - 0.2)
+
+
+def _drive(searcher, trials=(), until=None):
+    """Run a search as the controller would with one trial at a time: at each step the searcher
+    sees the trials, proposes one, which runs to its end. Stops after `until` trials (or when the
+    searcher is finished); returns the trial list."""
     from ray.tune.search import Searcher
 
-    pts = _two_points()
-    searcher = PointSearcher(pts, num_samples=3, seed=7)
-    configs = {}
-    for i in range(7):
-        config = searcher.suggest(f"t{i}")
-        if i == 6:
-            assert config == Searcher.FINISHED  # every point has used its budget
+    trials = list(trials)
+    while until is None or len(trials) < until:
+        for t in trials:  # what the controller holds runs to its end first (one at a time)
+            if t.status not in ("TERMINATED", "ERROR"):
+                t.status, t.last_result = "TERMINATED", {"val_acc": _val(t.config), "epoch": 3}
+                searcher.on_trial_complete(t.trial_id, t.last_result)
+        searcher.sync(trials)
+        config = searcher.suggest(f"t{len(trials)}")
+        if config == Searcher.FINISHED:
             break
-        configs[f"t{i}"] = config
-    assert [c[POINT_KEY] for c in configs.values()] == ["good", "bad"] * 3
-    assert all(c["trial"]["evaluate_test"] is False and c["trial"]["seed"] == 1
-               for c in configs.values())
-    assert all(0.05 <= c["trial"]["lr"] <= 0.5 for c in configs.values() if c[POINT_KEY] == "good")
-    for tid, c in configs.items():
-        val = 90.0 if c[POINT_KEY] == "good" else 10.0
-        searcher.on_trial_complete(tid, {"val_acc": val, "epoch": 3})
-    tpe = searcher.tpe
-    assert tpe["good"] is not tpe["bad"]
-    for name, val in (("good", -90.0), ("bad", -10.0)):  # HyperOpt minimises -val_acc
-        losses = [t["result"]["loss"] for t in tpe[name]._hpopt_trials.trials]
-        assert losses == [val] * 3  # each TPE saw its own point's three results only
-    assert tpe["good"].rstate.get_state()[1].tolist() != tpe["bad"].rstate.get_state()[1].tolist()
+        assert config is not None, "nothing runs, yet the searcher waits"
+        t = _trial(f"t{len(trials)}", config, "RUNNING")
+        trials.append(t)
+        t.status, t.last_result = "TERMINATED", {"val_acc": _val(config), "epoch": 3}
+        searcher.on_trial_complete(t.trial_id, t.last_result)
+    return trials
+
+
+def test_searcher_gives_each_point_its_own_tpe_round_robin():
+    pts = _two_points()
+    trials = _drive(PointSearcher(pts, num_samples=3, seed=7))
+    assert [t.config[POINT_KEY] for t in trials] == ["good", "bad"] * 3
+    assert [t.config["sample"] for t in trials] == [0, 0, 1, 1, 2, 2]
+    assert [t.config["order"] for t in trials] == list(range(6))
+    assert all(t.config["trial"]["evaluate_test"] is False and t.config["trial"]["seed"] == 1
+               for t in trials)
+    assert all(0.05 <= t.config["trial"]["lr"] <= 0.5 for t in trials if t.config[POINT_KEY] == "good")
+    # Each sample says which of its own point's samples its TPE had seen: all earlier ones here.
+    assert [t.config["seen"] for t in trials] == [[], [], [0], [0], [0, 1], [0, 1]]
+    searcher = PointSearcher(pts, num_samples=3, seed=7)
+    searcher.sync(trials)
+    for name in ("good", "bad"):  # each TPE holds its own point's three results only
+        losses = [t["result"]["loss"] for t in searcher.tpe[name]._hpopt_trials.trials]
+        assert losses == [-t.last_result["val_acc"] for t in trials if t.config[POINT_KEY] == name]
     assert point_seed(7, "good") == point_seed(7, "good") != point_seed(8, "good")
 
-    # Fixed seeds: the same search proposes the same configurations (given the same results).
-    again = PointSearcher(pts, num_samples=3, seed=7)
-    assert [again.suggest(f"t{i}")["trial"]["lr"] for i in range(2)] == \
-        [configs[f"t{i}"]["trial"]["lr"] for i in range(2)]
 
-    # The saved state restores both TPEs and the bookkeeping.
-    restored = PointSearcher(pts, num_samples=3, seed=7)
-    restored.set_state(searcher.get_state())
-    assert restored.issued == {"good": 3, "bad": 3}
-    assert len(restored.tpe["bad"]._hpopt_trials.trials) == 3
+def test_searcher_rebuilt_from_the_trials_proposes_what_it_would_have():
+    """A search interrupted after any trial and resumed from its trials alone (a fresh searcher,
+    as Ray Tune restores it from tuner.pkl) proposes the same samples as one never interrupted:
+    the TPEs are replayed with exactly the results each had seen."""
+    pts = _two_points(num_samples=6)
+    whole = [t.config["trial"]["lr"] for t in _drive(PointSearcher(pts, num_samples=6, seed=3))]
+    assert len(whole) == 12 and len(set(whole)) == 12
+    for cut in (1, 4, 7, 11):
+        first = _drive(PointSearcher(pts, num_samples=6, seed=3), until=cut)
+        # The trial that was running when the driver died is restored as PENDING, unfinished.
+        first[-1].status, first[-1].last_result = "PENDING", {}
+        resumed = _drive(PointSearcher(pts, num_samples=6, seed=3), first[:-1] + [first[-1]])
+        assert [t.config["trial"]["lr"] for t in resumed[cut:]] == whole[cut:], cut
 
 
-def _trial(tid, point):
-    return SimpleNamespace(trial_id=tid, config={POINT_KEY: point})
+def test_searcher_limits_concurrency_and_finishes_when_every_sample_ended():
+    from ray.tune.search import Searcher
+
+    searcher = PointSearcher(_two_points(num_samples=2), num_samples=2, seed=1, max_concurrent=2)
+    assert searcher.suggest("early") is None  # no trials seen yet: after a resume it must see them
+    searcher.sync([])
+    a, b = searcher.suggest("a"), searcher.suggest("b")
+    assert searcher.suggest("c") is None  # two live
+    trials = [_trial("a", a, "RUNNING"), _trial("b", b, "TERMINATED", {"val_acc": 5.0, "epoch": 3})]
+    searcher.sync(trials)
+    c = searcher.suggest("c")
+    assert c is not None and searcher.suggest("d") is None
+    trials.append(_trial("c", c, "TERMINATED", {"val_acc": 6.0, "epoch": 3}))
+    searcher.sync(trials)
+    d = searcher.suggest("d")
+    assert (d["point"], d["sample"]) == ("bad", 1)
+    trials.append(_trial("d", d, "RUNNING"))
+    for t in trials:
+        t.status = "TERMINATED"
+    trials[0].status = "RUNNING"
+    searcher.sync(trials)
+    assert searcher.suggest("e") is None  # every sample handed out, one still running
+    trials[0].status = "ERROR"
+    searcher.sync(trials)
+    assert searcher.suggest("e") == Searcher.FINISHED
+
+
+def _sched_trial(tid, point):
+    return _trial(tid, {POINT_KEY: point, "sample": 0})
 
 
 def test_scheduler_ranks_trials_only_against_their_own_point():
@@ -110,15 +167,15 @@ def test_scheduler_ranks_trials_only_against_their_own_point():
 
     pts = _two_points()
     scheduler = PointScheduler(pts, grace_period=1, reduction_factor=2)
+    assert scheduler.milestones["good"] == [1, 2]  # as Ray Tune's ASHA: grace 1, factor 2, 3 epochs
     shared = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=3,
                            grace_period=1, reduction_factor=2)  # what one ASHA for all would do
     # The "bad" point here reports high accuracies first; the "good" point's trials are worse.
     sequence = [("b1", "bad", 95.0), ("b2", "bad", 96.0), ("b3", "bad", 97.0),
-                ("a1", "good", 50.0), ("a2", "good", 40.0)]
+                ("a1", "good", 50.0), ("a2", "good", 40.0), ("a3", "good", 44.0)]
     decisions, shared_decisions = {}, {}
     for tid, point, val in sequence:
-        trial = _trial(tid, point)
-        scheduler.on_trial_add(None, trial)
+        trial = _sched_trial(tid, point)
         shared.on_trial_add(None, trial)
         result = {"epoch": 1, "val_acc": val}
         decisions[tid] = scheduler.on_trial_result(None, trial, result)
@@ -126,18 +183,48 @@ def test_scheduler_ranks_trials_only_against_their_own_point():
     assert shared_decisions["a1"] == TrialScheduler.STOP  # one ASHA: stopped by the other point
     assert decisions["a1"] == TrialScheduler.CONTINUE     # per point: first of its rung
     assert decisions["a2"] == TrialScheduler.STOP         # ...and ranked against a1 only
-    assert scheduler.stopped["good"] == [("a2", 1)]
-    for name, ids in (("good", {"a1", "a2"}), ("bad", {"b1", "b2", "b3"})):
-        recorded = {t for _, rung in scheduler.asha[name]._brackets[0]._rungs for t in rung}
-        assert recorded == ids
-    assert scheduler.asha["good"]._max_t == 3
-    # State round trip (saved with the searcher's state on every experiment checkpoint).
-    copy = PointScheduler(pts, grace_period=1, reduction_factor=2)
-    copy.set_state(scheduler.get_state())
-    assert copy.members == {"good": {"a1", "a2"}, "bad": {"b1", "b2", "b3"}}
-    assert copy.stopped == scheduler.stopped
-    assert copy.on_trial_result(None, _trial("a3", "good"), {"epoch": 1, "val_acc": 30.0}) \
-        == TrialScheduler.STOP
+    assert decisions["a3"] == TrialScheduler.STOP         # below the median of 50 and 40
+    # Within one point the rule is Ray Tune's ASHA's.
+    alone = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=3,
+                          grace_period=1, reduction_factor=2)
+    for tid, point, val in sequence[3:]:
+        trial = _sched_trial(tid, point)
+        alone.on_trial_add(None, trial)
+        assert alone.on_trial_result(None, trial, {"epoch": 1, "val_acc": val}) == decisions[tid]
+    assert scheduler.stopped["good"] == [("a2", 1), ("a3", 1)]
+    assert scheduler.recorded["good"][1] == {"a1": 50.0, "a2": 40.0, "a3": 44.0}
+    assert set(scheduler.recorded["bad"][1]) == {"b1", "b2", "b3"}
+
+
+def test_scheduler_rebuilt_from_the_reports_in_storage(tmp_path):
+    """After a resume the scheduler's records come back from the restored trials' reports (up to
+    the epoch each was restored at), so it stops what it would have stopped."""
+    import pyarrow.fs as pafs
+    from ray.tune.schedulers import TrialScheduler
+
+    pts = _two_points()
+    live = PointScheduler(pts, grace_period=1, reduction_factor=2)
+    trials = []
+    for tid, vals in (("a1", [50.0, 60.0, 61.0]), ("a2", [55.0, 70.0])):
+        folder = tmp_path / tid
+        folder.mkdir()
+        rows = [{"epoch": e, "val_acc": v} for e, v in enumerate(vals, 1)]
+        (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        trial = _trial(tid, {POINT_KEY: "good", "sample": len(trials)}, "PENDING", rows[-1],
+                       SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(),
+                                       trial_fs_path=str(folder)))
+        for r in rows:
+            live.on_trial_result(None, trial, r)
+        trials.append(trial)
+    # A report after the restored epoch (a2's epoch 3, lost with the driver) is not counted.
+    with open(tmp_path / "a2" / "result.json", "a") as f:
+        f.write(json.dumps({"epoch": 3, "val_acc": 99.0}) + "\n")
+    rebuilt = PointScheduler(pts, grace_period=1, reduction_factor=2)
+    rebuilt.sync(trials)
+    assert rebuilt.recorded == live.recorded
+    newcomer = _sched_trial("a3", "good")
+    assert rebuilt.on_trial_result(None, newcomer, {"epoch": 1, "val_acc": 51.0}) == \
+        live.on_trial_result(None, newcomer, {"epoch": 1, "val_acc": 51.0}) == TrialScheduler.STOP
 
 
 def test_grace_period_and_initial_points_defaults():
@@ -159,7 +246,8 @@ def test_best_config_table_round_trip_and_reproduction(tmp_path):
 
     table = pd.read_parquet(written[0])
     assert list(table["point"]) == ["good", "bad"] and list(table["lr"]) == [0.2, 5e-7]
-    back = read_best_configs(str(tmp_path / "run"))
+    back = json.loads((tmp_path / "run" / "best_configs.json").read_text())
+    assert back == rows
     experiments = reproduction(back)
     assert [len(e) for e in experiments] == [3, 3]
     assert all(t["evaluate_test"] and t["lr"] in (0.2, 5e-7) for e in experiments for t in e.trials())
@@ -167,7 +255,7 @@ def test_best_config_table_round_trip_and_reproduction(tmp_path):
     # Storage may be a URI: the table goes through pyarrow filesystems.
     uri = f"file://{tmp_path}/uri_run"
     assert write_best_configs(rows, uri)[0] == uri + "/best_configs.parquet"
-    assert read_best_configs(uri) == back
+    assert json.loads((tmp_path / "uri_run" / "best_configs.json").read_text()) == back
 
 
 # ------------------------------------------------------------------ real searches (Ray)
@@ -178,16 +266,6 @@ def write_search_file(folder, epochs):
                         search={"tiny_good": {"lr": "LogUniform(0.05, 0.5)"},
                                 "tiny_bad": {"lr": "LogUniform(1e-7, 1e-6)"}},
                         epochs=epochs, debug_max_iters=6, debug_max_eval_iters=1)
-
-
-def _searcher_state(run_dir):
-    """The searcher's newest saved state, its TPEs' and ASHAs' states unpacked."""
-    newest = max(p for p in os.listdir(run_dir) if p.startswith("searcher-state-"))
-    with open(os.path.join(run_dir, newest), "rb") as f:
-        state = cloudpickle.load(f)
-    state["tpe"] = {n: cloudpickle.loads(b) for n, b in state["tpe"].items()}
-    state["scheduler"]["asha"] = {n: pickle.loads(b) for n, b in state["scheduler"]["asha"].items()}
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -223,35 +301,28 @@ def test_search_killed_and_resumed_completes(killed_search):
     for tid, rows in trials.items():
         epochs = [r["epoch"] for r in rows]
         assert sorted(set(epochs)) == list(range(1, max(epochs) + 1)), (tid, epochs)
-    state = _searcher_state(run_dir)
-    assert state["issued"] == {"tiny_good": 2, "tiny_bad": 2}
-    assert sorted(r["point"] for r in read_best_configs(str(run_dir))) == ["tiny_bad", "tiny_good"]
+    run = read_run(str(run_dir))
+    assert not run.skipped and all(t.ended for t in run.trials)
+    assert sorted(t.slot for t in run.trials) == [("search", p, k) for p in ("tiny_bad", "tiny_good")
+                                                  for k in (0, 1)]
+    assert sorted(r["point"] for r in searched_best(str(run_dir))) == ["tiny_bad", "tiny_good"]
 
 
 @pytest.mark.slow
 def test_search_of_two_points_keeps_them_apart(killed_search, capsys):
     run_dir, out = killed_search.run_dir, killed_search.out
     trials = run_rows(run_dir)
-    point_of = {tid: rows[-1]["config"][POINT_KEY] for tid, rows in trials.items()}
+    run = read_run(str(run_dir))
+    point_of = {t.trial_id: t.slot[1] for t in run.trials}
     assert sorted(point_of.values()) == ["tiny_bad"] * 2 + ["tiny_good"] * 2
-    for tid, rows in trials.items():
-        assert all("test_acc" not in r for r in rows)  # the test set is never touched
-        assert rows[-1]["config"]["trial"]["seed"] == 1
-        assert rows[-1]["config"]["trial"]["experiment"] == point_of[tid]
+    for t in run.trials:
+        assert all("test_acc" not in r for r in t.rows)  # the test set is never touched
+        assert t.config["seed"] == 1 and t.config["experiment"] == point_of[t.trial_id]
 
-    state = _searcher_state(run_dir)
-    # Each point's TPE saw its own two trials, and nothing else.
-    for name in ("tiny_good", "tiny_bad"):
-        mine = {t for t, p in state["owner"].items() if p == name}
-        assert mine == {t for t, p in point_of.items() if p == name}
-        assert len(state["tpe"][name]["_hpopt_trials"].trials) == 2
-    # Each point's ASHA ranked only its own trials: the hopeless point never stopped a good one.
-    for name, asha in state["scheduler"]["asha"].items():
-        recorded = {t for _, rung in asha["_brackets"][0]._rungs for t in rung}
-        assert recorded and all(point_of[t] == name for t in recorded), name
-    for name, stopped in state["scheduler"]["stopped"].items():
-        assert all(point_of[t] == name for t, _ in stopped)
-    assert set(state["scheduler"]["members"]) == {"tiny_good", "tiny_bad"}
+    # Each point's TPE saw only its own point's samples; the good point's trials all trained to
+    # the end or were stopped by its own ASHA, never by the hopeless point's.
+    for t in read_run(str(run_dir)).trials:
+        assert set(t.seen) <= {0, 1} and t.seen == tuple(sorted(t.seen))
 
     # One row per point in the table, the best trial by best_val_acc.
     import pandas as pd

@@ -15,8 +15,8 @@ import pytest
 
 from analysis.cli import main as analysis_main
 from analysis.results import load_history, load_results
-from iterand_tune.storage import (exists, is_search_run, join_path, list_dir, newest_run,
-                                  open_storage, read_text)
+from iterand_tune.runs import read_marker
+from iterand_tune.storage import exists, join_path, list_dir, newest_run, open_storage, read_text
 
 from helpers import EDGEPOPUP, ITERAND, trial_states, wait_for, write_digits
 
@@ -64,11 +64,9 @@ def test_s3_run_killed_resumed_and_read_back(s3_storage, tmp_path, capsys):
     run = join_path(s3_storage, name)
     assert run == s3_storage.replace("/runs?", f"/runs/{name}?")
     # The driver starts a Ray of its own (`--address local`, not one `ray start` left running
-    # here), whose workers inherit the credentials of its environment; its 2 CPUs run two trials
-    # at a time. (Not --max-concurrent: with it, a run on S3 whose driver was killed can hang
-    # at its end once resumed, a Ray Tune 2.60 bug described in docs/cluster.md.)
+    # here), whose workers inherit the credentials of its environment; two trials at a time.
     cmd = [sys.executable, "-m", "iterand_tune", exp, "--address", "local",
-           "--storage-path", s3_storage, "--name", name]
+           "--storage-path", s3_storage, "--name", name, "--max-concurrent", "2"]
     log = open(tmp_path / "driver.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -91,8 +89,8 @@ def test_s3_run_killed_resumed_and_read_back(s3_storage, tmp_path, capsys):
         log.close()
     assert finished and all(finished.values())
 
-    # The CLI's checks read the URI: the run exists, is not a search, is FILE's newest run.
-    assert exists(run) and not is_search_run(run)
+    # The CLI's checks read the URI: the run exists, is a grid run, is FILE's newest run.
+    assert exists(run) and read_marker(run)["kind"] == "grid"
     assert newest_run(s3_storage, "tiny-") == name
 
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
@@ -102,8 +100,8 @@ def test_s3_run_killed_resumed_and_read_back(s3_storage, tmp_path, capsys):
     assert analysis_main(["table", run, "--rows", "trials"]) == 0
     out = capsys.readouterr().out
     assert "4 trials: 4 finished" in out, out
-    # Read as `analysis` reads it: Ray Tune 2.60 may run a trial that was starting when its driver
-    # was killed again in a second folder (docs/cluster.md); the newest folder is the trial.
+    # One folder per grid point; every epoch once.
+    assert len([d for d in list_dir(run) if "-seed" in d and not d.startswith(".")]) == 4
     trials = load_results(run)
     assert len(trials) == 4 and (trials["status"] == "finished").all()
     assert trials["test_acc"].notna().all()

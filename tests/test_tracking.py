@@ -48,10 +48,13 @@ def test_a_missing_package_is_one_line_before_anything_starts(tmp_path, monkeypa
 
 def test_resume_keeps_the_tracking_a_run_began_with(tmp_path, capsys):
     exp = write_digits(str(tmp_path), {"tiny": EDGEPOPUP})
-    assert main([exp, "--resume", "--name", "x", "--mlflow", "--wandb", PROJECT]) == 2
+    (tmp_path / "r" / "x").mkdir(parents=True)
+    (tmp_path / "r" / "x" / "run.json").write_text('{"kind": "grid", "flags": {"mlflow": null}}')
+    argv = [exp, "--storage-path", str(tmp_path / "r"), "--resume", "--name", "x"]
+    assert main([*argv, "--mlflow", "--wandb", PROJECT]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --resume continues a run with the tracking it began with")
-    assert err.endswith("drop --mlflow and --wandb\n")
+    assert err.startswith("error: --resume: --mlflow sqlite:///mlflow.db contradicts a run started "
+                          "without --mlflow (its run.json)")
 
 
 def test_mlflow_uri_makes_folders_file_stores_and_sqlite_files_absolute(tmp_path, monkeypatch):

@@ -14,12 +14,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import iterand_tune.tune as tune_module
+import iterand_tune.tune.runner as runner
 from analysis.cli import main as analysis_main
 from iterand_tune.cli import main
 from iterand_tune.experiments import Experiment, load
 from iterand_tune.storage import TRIAL_KEY
 from iterand_tune.terminal import POINT_STATS
+from iterand_tune.runs import Run, TrialRecord
 from iterand_tune.tune import RunSummary
 from iterand_tune.vocabulary import POINT_LABELS
 
@@ -32,16 +33,21 @@ FIGURE2 = os.path.join(os.path.dirname(__file__), "..", "experiments", "figure2.
 # ------------------------------------------------------------------ the summary
 
 def _grid(experiment: Experiment, accs: list, params: int = 1000, errors=()) -> list:
-    """Ray Tune results of the experiment's trials: a test accuracy, or None (stopped before
-    the end); trials whose index is in `errors` failed."""
+    """The experiment's trials as the run reader returns them: a test accuracy, or None (stopped
+    before the end); trials whose index is in `errors` failed."""
     out = []
     for i, (t, acc) in enumerate(zip(experiment.trials(), accs)):
-        metrics = {} if acc is None else {"test_acc": acc, "params_after_pruning": params,
-                                          "params_before_pruning": 2 * params}
-        out.append(SimpleNamespace(config={TRIAL_KEY: t}, metrics=metrics,
-                                   error=RuntimeError("x") if i in errors else None,
-                                   path=f"/r/{t['experiment']}-{i}"))
+        rows = [] if acc is None else [{"epoch": 1, "test_acc": acc, "params_after_pruning": params,
+                                        "params_before_pruning": 2 * params}]
+        out.append(TrialRecord(f"x{i}", f"/r/{i}", f"/r/{i}", dict(t), ("grid", i), rows,
+                               ray_status="ERROR" if i in errors else "TERMINATED"))
     return out
+
+
+def _summary(trials: list, seconds: float = 0.0) -> RunSummary:
+    for i, t in enumerate(trials):  # one run's grid indices
+        t.slot = ("grid", i)
+    return RunSummary.from_run(Run("/r", {"kind": "grid"}, trials), seconds)
 
 
 def test_summary_means_and_stds():
@@ -50,7 +56,7 @@ def test_summary_means_and_stds():
                                       conv_sparsity=0.5, rerand_mode="bernoulli"),
                     dict(seed=[1, 2, 3]))
     grid = _grid(sgd, [80.0, 82.0, 84.5], 1_234_567) + _grid(it, [70.0, None, 73.0], 617_000)
-    summary = RunSummary.from_results(grid, "/r", 1.0)
+    summary = _summary(grid, 1.0)
     points = {p["experiment"]: p for p in summary.points}
     assert sorted(points) == ["a_sgd", "b_iterand"]
     a, b = points["a_sgd"], points["b_iterand"]
@@ -73,9 +79,9 @@ def test_summary_means_and_stds():
 
 def test_summary_of_one_seed_and_of_none():
     e = Experiment("e", dict(model="conv6x0.25"), dict(seed=[1, 2]))
-    (p,) = RunSummary.from_results(_grid(e, [None, 90.0]), "/r", 0.0).points
+    (p,) = _summary(_grid(e, [None, 90.0]), 0.0).points
     assert (p["test_acc_count"], p["test_acc_mean"]) == (1, 90.0) and math.isnan(p["test_acc_std"])
-    summary = RunSummary.from_results(_grid(e, [None, None]), "/r", 0.0)
+    summary = _summary(_grid(e, [None, None]), 0.0)
     (q,) = summary.points
     assert q["test_acc_count"] == 0 and math.isnan(q["test_acc_mean"]) and math.isnan(q["test_acc_std"])
     assert q["params_after_pruning"] is None
@@ -85,7 +91,7 @@ def test_summary_of_one_seed_and_of_none():
 
 def test_summary_separates_points_varying_inside_an_experiment():
     (e,) = load(FIGURE1, ["figure1_conv6_ku_iterand"])
-    points = RunSummary.from_results(_grid(e, [60.0 + i for i in range(len(e))]), "/r", 0.0).points
+    points = _summary(_grid(e, [60.0 + i for i in range(len(e))]), 0.0).points
     # grid(rerand_lambda, seed): r varies fastest; points in the order of their first trial
     assert [p["rerand_lambda"] for p in points] == [0.0, 0.01, 0.1, 1.0]
     assert all(p["trials"] == 3 and p["test_acc_count"] == 3 for p in points)
@@ -94,13 +100,13 @@ def test_summary_separates_points_varying_inside_an_experiment():
     assert by_r[0.01]["test_acc_mean"] == pytest.approx(65.0)
     assert by_r[0.01]["test_acc_std"] == pytest.approx(4.0)
     assert by_r[0.0]["method"] == "edgepopup" and by_r[0.1]["method"] == "iterand"
-    head = RunSummary.from_results(_grid(e, [60.0] * len(e)), "/r", 0.0).table().splitlines()[0]
+    head = _summary(_grid(e, [60.0] * len(e)), 0.0).table().splitlines()[0]
     assert head.split()[:5] == ["experiment", "model", "method", "init", "rerand_lambda"]
 
 
 def test_summary_from_results():
     e = Experiment("e", dict(model="conv6x0.25"), dict(seed=[1, 2, 3]))
-    summary = RunSummary.from_results(_grid(e, [50.0, None, None], errors=(2,)), "/r", 2.0)
+    summary = _summary(_grid(e, [50.0, None, None], errors=(2,)), 2.0)
     assert summary.errored == ["e-conv6x0.25-seed3"]
     assert summary.unfinished == ["e-conv6x0.25-seed2"]
     assert not summary.ok
@@ -110,17 +116,11 @@ def test_summary_from_results():
     assert p["missing"] == "seed 2 stopped; seed 3 errored"
 
 
-def test_summary_counts_trials_cancelled_before_they_ran():
-    # Ray gives such a trial no config (seen on an overloaded machine); it is an error, not a crash.
+def test_summary_names_the_folders_it_did_not_count():
     e = Experiment("e", dict(model="conv6x0.25"), dict(seed=[1]))
-    grid = [SimpleNamespace(config={TRIAL_KEY: e.trials()[0]}, metrics={"test_acc": 50.0},
-                            error=None, path="/r/e-conv6x0.25-seed1-x_00000"),
-            SimpleNamespace(config=None, metrics=None, error=RuntimeError("cancelled"),
-                            path="/r/e-conv6x0.25-seed2-x_00001")]
-    summary = RunSummary.from_results(grid, "/r", 1.0)
-    assert summary.errored == ["e-conv6x0.25-seed2-x_00001"] and not summary.ok
-    (p,) = summary.points
-    assert (p["trials"], p["test_acc_count"]) == (1, 1)
+    run = Run("/r", {"kind": "grid"}, _grid(e, [50.0]), [("/r/e-seed1-y", "a second folder")])
+    summary = RunSummary.from_run(run, 1.0)
+    assert summary.skipped == ["skipped /r/e-seed1-y: a second folder"] and summary.ok
 
 
 # ------------------------------------------------------------------ what run asks Ray for
@@ -137,15 +137,15 @@ def fake_tuner(monkeypatch):
 
     seen = []
 
-    def tuner(trainable, param_space, tune_config, run_config):
-        seen.append(SimpleNamespace(trainable=trainable, param_space=param_space,
-                                    tune_config=tune_config, run_config=run_config))
+    def tuner(trainable, tune_config, run_config):
+        seen.append(SimpleNamespace(trainable=trainable, tune_config=tune_config,
+                                    run_config=run_config))
         raise StopHere
 
     monkeypatch.setattr(tune, "Tuner", tuner)
-    monkeypatch.setattr(tune_module, "connect", lambda *a, **k: False)
-    monkeypatch.setattr(tune_module, "live_nodes", lambda: [{"CPU": 4.0, "GPU": 1.0}])
-    monkeypatch.setattr(tune_module, "live_node_ids", lambda: ["n1"])
+    monkeypatch.setattr(runner, "connect", lambda *a, **k: False)
+    monkeypatch.setattr(runner, "live_nodes", lambda: [{"CPU": 4.0, "GPU": 1.0}])
+    monkeypatch.setattr(runner, "live_node_ids", lambda: ["n1"])
     return seen
 
 
@@ -171,16 +171,16 @@ def test_each_trial_asks_for_its_share_and_cpus_per_trial_wins(tmp_path, fake_tu
                    "    dict(seed=[1]), gpus_per_trial=0.5, cpus_per_trial=3),\n"
                    "  Experiment('sized', dict(dataset='digits'), dict(model=['conv6x0.25', 'resnet18x2.0']))]\n")
     trials = {(t["experiment"], t["model"]): t for e in load(str(exp)) for t in e.trials()}
-    for argv, expected in (
+    for i, (argv, expected) in enumerate((
             ([], {("own", "conv6x0.25"): (3, 0.5), ("sized", "conv6x0.25"): (1, 0.25),
                   ("sized", "resnet18x2.0"): (1, 1)}),
             (["--cpus-per-trial", "2"], {("own", "conv6x0.25"): (2, 0.5),
                                          ("sized", "conv6x0.25"): (2, 0.25)}),
             (["--gpus-per-trial", "0.25"], {("own", "conv6x0.25"): (3, 0.25),
-                                            ("sized", "resnet18x2.0"): (1, 0.25)})):
+                                            ("sized", "resnet18x2.0"): (1, 0.25)}))):
         fake_tuner.clear()
         with pytest.raises(StopHere):
-            main([str(exp), "--storage-path", str(tmp_path / "r"), *argv])
+            main([str(exp), "--storage-path", str(tmp_path / "r"), "--name", f"n{i}", *argv])
         (seen,) = fake_tuner
         for key, (cpus, gpus) in expected.items():
             assert _bundles(seen, trials[key]) == [{"CPU": cpus, "GPU": gpus}], (argv, key)
@@ -190,7 +190,7 @@ def test_each_trial_asks_for_its_share_and_cpus_per_trial_wins(tmp_path, fake_tu
 @pytest.mark.slow
 def test_missing_data_is_one_line_before_ray_starts(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(tune_module, "connect", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.setattr(runner, "connect", lambda *a, **k: pytest.fail("Ray was started"))
     rc = main([FIGURE2, "--only", "figure2_conv6_ku_sgd", "--data-dir", str(tmp_path / "empty"),
                "--set", "dataset_download=false", "--storage-path", str(tmp_path / "r")])
     err = capsys.readouterr().err.splitlines()

@@ -19,15 +19,16 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-import iterand_tune.tune as tune_module
+import iterand_tune.tune.interrupts as interrupts_module
 from analysis.figures import _missing_note
 from analysis.results import aggregate, load_results
 from iterand_tune.cli import main
 from iterand_tune.config import TrialConfig
-from iterand_tune.experiments import Experiment, load, prepare
+from iterand_tune.experiments import Experiment, all_trials, load, prepare
+from iterand_tune.runs import Run, TrialRecord
 from iterand_tune.storage import TRIAL_KEY
 from iterand_tune.training import Trainer
-from iterand_tune.tune import RunSummary
+from iterand_tune.tune import Interruption, RunSummary
 
 from helpers import trained_here
 
@@ -65,16 +66,18 @@ def test_train_command_says_diverged_in_one_line(capsys):
     assert "epoch   1" in cap.out and "epoch   2" not in cap.out
 
 
-def _result(trial, **metrics):
-    return SimpleNamespace(config={TRIAL_KEY: trial}, metrics=metrics, error=None, path="/r/x")
+def _record(i, trial, **last):
+    return TrialRecord(f"t{i}", "/r/x", "/r/x", dict(trial), ("grid", i), [last],
+                       ray_status="TERMINATED")
 
 
 def test_summary_counts_diverged_trials():
     e = Experiment("e", dict(model="conv6x0.25"), dict(seed=[1, 2]))
     ok, bad = e.trials()
-    grid = [_result(bad, epoch=1, diverged=True, train_loss=float("nan"), params_after_pruning=9),
-            _result(ok, test_acc=80.0, diverged=False, params_after_pruning=9)]
-    summary = RunSummary.from_results(grid, "/r", 1.0, [e])
+    trials = [_record(0, ok, epoch=2, test_acc=80.0, diverged=False, params_after_pruning=9),
+              _record(1, bad, epoch=1, diverged=True, train_loss=float("nan"),
+                      params_after_pruning=9)]
+    summary = RunSummary.from_run(Run("/r", {"kind": "grid"}, trials), 1.0)
     assert [t["status"] for t in summary.trials] == ["finished", "diverged"]
     assert summary.diverged == ["e-conv6x0.25-seed2"] and not summary.errored
     assert not summary.unfinished and not summary.ok
@@ -126,10 +129,10 @@ def test_partial_figure_note_still_says_partial():
 
 def test_signals_ask_ray_tune_to_stop_then_stop_at_once(monkeypatch):
     asked, exits = [], []
-    monkeypatch.setattr(tune_module.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(interrupts_module.os, "_exit", lambda code: exits.append(code))
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with tune_module._Interrupts() as interrupts:
-        assert os.environ[tune_module.NO_RAY_SIGINT] == "1"
+    with interrupts_module.Interrupts() as interrupts:
+        assert os.environ[interrupts_module.NO_RAY_SIGINT] == "1"
         with pytest.raises(KeyboardInterrupt):  # before the trials start: a plain Ctrl-C
             signal.raise_signal(signal.SIGINT)
         interrupts.fitting = True
@@ -140,7 +143,7 @@ def test_signals_ask_ray_tune_to_stop_then_stop_at_once(monkeypatch):
         assert exits == [130] and asked == [signal.SIGUSR1]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
-    assert tune_module.NO_RAY_SIGINT not in os.environ
+    assert interrupts_module.NO_RAY_SIGINT not in os.environ
 
 
 # ------------------------------------------------------------------ one real run
@@ -168,10 +171,10 @@ def table_of(out: str) -> str:
 def uninterrupted(experiments) -> RunSummary:
     """The summary of a run of `experiments` that nothing interrupted: every trial trained to its
     end here, without Ray (helpers.trained_here)."""
-    results = [SimpleNamespace(config={TRIAL_KEY: trial}, metrics=trained_here(trial)[-1],
-                               error=None, path="")
-               for e in experiments for trial in e.trials()]
-    return RunSummary.from_results(results, "", 0.0, experiments)
+    trials = [TrialRecord(f"t{i}", "", "", dict(trial), ("grid", i), trained_here(trial),
+                          ray_status="TERMINATED")
+              for i, trial in enumerate(all_trials(experiments))]
+    return RunSummary.from_run(Run("", {"kind": "grid"}, trials), 0.0)
 
 
 @pytest.mark.ray
@@ -246,7 +249,7 @@ def test_resume_command_repeats_what_the_run_needs(tmp_path, capsys):
     assert _resume_command(args, "r2") == (
         f"python -m iterand_tune 'my file.py' k1 --resume --name r2 --search --storage-path "
         f"{tmp_path} --address auto --only a b")
-    summary = SimpleNamespace(interrupted=tune_module.Interruption(2, 5), path="/runs/r2",
+    summary = SimpleNamespace(interrupted=Interruption(2, 5), path="/runs/r2",
                               seconds=12.0, table=lambda: "the table")
     assert _interrupted(summary, args, "r2") == 130
     out = capsys.readouterr().out.splitlines()

@@ -1,19 +1,21 @@
 """Tests for the live progress of a run (`iterand_tune.tune.ProgressLines`, driven here by fake
-trials and a fake clock: no Ray run) and for the end-of-run summary's order, which follows the
-experiment file whatever order Ray Tune returns the trials in (after a resume: completion)."""
+trials and a fake clock: no Ray run) and for the end-of-run summary of a run's folder."""
 from __future__ import annotations
 
 import pickle
-import random
 import re
 from types import SimpleNamespace
 
 import pytest
 
-import iterand_tune.tune as tune_module
+import iterand_tune.tune.progress as progress
+import iterand_tune.tune.runner as runner
 from iterand_tune.experiments import Experiment, all_trials
+from iterand_tune.runs import read_run
 from iterand_tune.storage import TRIAL_KEY
-from iterand_tune.tune import ProgressLines, RunSummary, say
+from iterand_tune.tune import ProgressLines, RunOptions, RunSummary, say
+
+from test_runs import grid_run
 
 
 class Clock:
@@ -27,7 +29,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch):
     c = Clock()
-    monkeypatch.setattr(tune_module, "time", c)
+    monkeypatch.setattr(progress, "time", c)
     return c
 
 
@@ -178,52 +180,29 @@ def test_eta_counts_epochs_finished_before_a_resume(clock):
     assert (n["done"], n["left"], n["finished"], n["pending"]) == (3, 3, 1, 2)
 
 
-# ------------------------------------------------------------------ summary order
+# ------------------------------------------------------------------ the summary of a run's folder
 
-def _results(trials, accs=None):
-    return [SimpleNamespace(config={TRIAL_KEY: t}, error=None, path=f"/r/{i}",
-                            metrics={"test_acc": 50.0 + i, "params_after_pruning": 10,
-                                     "params_before_pruning": 20})
-            for i, t in enumerate(trials)]
-
-
-def test_summary_rows_follow_the_file_after_a_resume():
-    a = Experiment("a", dict(model="conv6x0.25"), dict(lr=[1, 0.1], seed=[1, 2]))
-    b = Experiment("b", dict(model="conv6x0.25"), dict(seed=[1, 2, 3]))
-    experiments = [b, a]  # the file's order, not the alphabet
-    planned = all_trials(experiments)
-    grid = _results(planned)
-    for t in (r.config[TRIAL_KEY] for r in grid if r.config[TRIAL_KEY]["experiment"] == "a"):
-        t["lr"] = int(t["lr"]) if t["lr"] == 1 else t["lr"]  # Ray keeps the file's `1`
-    shuffled = grid[:]
-    random.Random(0).shuffle(shuffled)
-    assert shuffled != grid
-    summary = RunSummary.from_results(shuffled, "/r", 1.0, experiments)
-    order = [(t["experiment"], float(t["lr"]), t["seed"]) for t in summary.trials]
-    assert order == [(t["experiment"], float(t["lr"]), t["seed"]) for t in planned]
-    assert [p["experiment"] for p in summary.points] == ["b", "a", "a"]
-    table = summary.table().splitlines()
-    assert [line.split()[0] for line in table[2:]] == ["b", "a", "a"]
-    assert table == RunSummary.from_results(grid, "/r", 1.0, experiments).table().splitlines()
-
-
-def test_summary_of_an_interrupted_run_counts_trials_never_created():
-    e = Experiment("e", dict(model="conv6x0.25"), dict(seed=[1, 2, 3]))
-    summary = RunSummary.from_results(_results(e.trials()[:1]), "/r", 1.0, [e])
-    assert [t["status"] for t in summary.trials] == ["finished", "pending", "pending"]
+def test_summary_of_an_interrupted_run_counts_trials_never_created(tmp_path):
+    """Trials in the run's order (grid index), planned points without a trial as pending: the
+    run's folder as the run reader reads it (a grid point's second folder not counted)."""
+    summary = RunSummary.from_run(read_run(str(grid_run(tmp_path))), 1.0)
+    assert [t["status"] for t in summary.trials] == ["finished", "running", "pending"]
+    assert [t["seed"] for t in summary.trials] == [1, 2, 3]
     assert summary.unfinished == ["e-conv6x0.25-seed2", "e-conv6x0.25-seed3"]
     (p,) = summary.points
     assert (p["trials"], p["test_acc_count"]) == (3, 1)
     assert re.search(r"\b1/3\b", summary.table().splitlines()[-1])
+    assert len(summary.skipped) == 1 and "seed2-ccc" in summary.skipped[0]
 
 
 def test_progress_plans_every_trial_and_epoch_of_a_run():
     e = Experiment("e", dict(model="conv6x0.25", epochs=3), dict(seed=[1, 2]))
     f = Experiment("f", dict(model="conv6x0.25", epochs=5))
-    p = tune_module._progress([e, f], say, None)
+    opts = RunOptions(storage_path="/r", name="n", marker={"trials": all_trials([e, f])})
+    p = runner._progress(opts, say, None)
     assert (p.total_trials, p.total_epochs, p.upper_bound) == (3, 11, False)
     # A search: 6 trials over two points of 4 and 2 epochs, each of which ASHA may stop early.
     search = SimpleNamespace(num_samples=6, points=[SimpleNamespace(epochs=4),
                                                     SimpleNamespace(epochs=2)])
-    p = tune_module._progress([], say, search)
+    p = runner._progress(opts, say, search)
     assert (p.total_trials, p.total_epochs, p.upper_bound) == (6, 18, True)
