@@ -281,7 +281,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     checkpoint after every epoch), measured: the epochs' metrics, a timed checkpoint per epoch,
     a timed evaluation alone, memory against the cap."""
     from iterand_tune.config import TrialConfig
-    from iterand_tune.resources import claim_resources
+    from iterand_tune.trial_setup import claim_resources
     from iterand_tune.training import Trainer
 
     started = time.time()

@@ -1,23 +1,16 @@
-"""Resources of a run: the GPU share 1/k of a trial, what each trial asks Ray for, the checks that
-refuse an impossible request, an unreachable cluster or storage some node cannot see before
-anything starts, and `claim_resources`, which fits a trial's process to its share.
-Ray is imported only inside the functions that talk to a cluster, so that a GPU machine without
-Ray can still use `claim_resources` and `gpu_share` (benchmarks/gpu_check.py does).
+"""The resource policy of a run, decided in the driver: the GPU share 1/k of a trial, what each
+trial asks Ray for, and the checks that refuse an impossible request, an unreachable cluster or
+storage some node cannot see before anything starts. What runs inside a trial is in trial_setup.
 """
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 import socket
-import sys
 import uuid
 from typing import Any, Callable, Optional, Sequence
 
-import torch
-
-from .models import estimate_macs
 from .storage import RunError, absolute, is_uri
 from .vocabulary import DATASETS
 
@@ -49,6 +42,7 @@ GPU_SHARES = ((0.2, 0.25), (1.2, 0.5), (math.inf, 1.0))
 
 @functools.lru_cache(maxsize=None)
 def _gmacs(model: str, dataset: str) -> float:
+    from .models import estimate_macs  # torch: a run's requests need it, --help and --dry-run not
     info = DATASETS[dataset]
     return estimate_macs(model, info.image_size, info.num_classes) / 1e9
 
@@ -101,8 +95,13 @@ def check_cluster(requests: dict[str, tuple[float, float]], nodes: Sequence[dict
 
 # ------------------------------------------------------------------ the cluster
 
+# Named, not imported: Ray imports it in each worker of a quiet run, and the driver needs neither
+# the module nor torch for that.
+QUIET_WORKER = "iterand_tune.trial_setup.quiet_worker"
+
+
 def _ray() -> Any:
-    import ray  # optional here: a GPU box without Ray still uses claim_resources and gpu_share
+    import ray  # optional here: a GPU box without Ray still uses gpu_share and the checks
     import ray.util.scheduling_strategies  # noqa: F401 - loads the submodule nodes_missing_path uses
     return ray
 
@@ -115,7 +114,7 @@ def connect(address: Optional[str], quiet: bool = False) -> bool:
     address = check_address(address)
     if ray.is_initialized():  # e.g. a notebook or a test that started Ray itself
         return False
-    options: dict = {"runtime_env": {"worker_process_setup_hook": quiet_worker}} if quiet else {}
+    options: dict = {"runtime_env": {"worker_process_setup_hook": QUIET_WORKER}} if quiet else {}
     try:
         if address:
             ray.init(address=address, log_to_driver=True, **options)
@@ -126,22 +125,6 @@ def connect(address: Optional[str], quiet: bool = False) -> bool:
                        f"{str(err).splitlines()[0]}; start one with `ray start --head` or "
                        "check --address") from None
     return True
-
-
-def quiet_worker() -> None:
-    """Set up every worker process of a quiet run: Ray Tune's and Ray Train's INFO lines go to
-    the worker's log file only (Ray forwards what reaches the console to the driver's terminal),
-    and so does nothing of a worker being stopped: Ray's SIGTERM handler raises SystemExit, and
-    when that lands in a finalizer or weakref callback Python prints "Exception ignored in ..."
-    with a traceback (seen at the end of runs on a loaded machine)."""
-    for name in ("ray.tune", "ray.train"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    sys.unraisablehook = functools.partial(_unraisable_unless_exit, sys.unraisablehook)
-
-
-def _unraisable_unless_exit(default: Callable[[Any], None], unraisable: Any) -> None:
-    if not isinstance(unraisable.exc_value, SystemExit):
-        default(unraisable)
 
 
 def check_address(address: Optional[str]) -> Optional[str]:
@@ -216,27 +199,3 @@ def nodes_missing_path(storage_path: str, node_ids: Sequence[str], timeout: floa
         return [n for n, ok in zip(node_ids, answers) if not ok]
     finally:
         os.remove(probe)
-
-
-# ------------------------------------------------------------------ inside a trial
-
-def claim_resources(cpus: float, gpus: float, use_cuda: bool = True,
-                    context_reserve_mb: float = 1024.0) -> tuple[str, int]:
-    """Fit this process to the trial's resources: torch threads = its CPUs; with a GPU share its
-    CUDA memory capped to that share. Returns (device, number of GPUs to use).
-
-    Fractional GPUs are not isolated, so a trial at 1/k is held to its share by capping PyTorch's
-    caching allocator. Each process's CUDA context (driver state, cuBLAS/cuDNN handles, loaded
-    kernels: 0.5-1 GB on current GPUs) lives outside that allocator, so k caps of exactly 1/k
-    would promise the whole card plus k contexts. The cap is therefore
-    (share * total - context_reserve_mb) / total, but never below half the share (small cards,
-    many trials). `torch.cuda.get_per_process_memory_fraction(0)` reads it back.
-    """
-    torch.set_num_threads(max(1, int(cpus)))
-    if gpus <= 0 or not use_cuda or not torch.cuda.is_available():
-        return "cpu", 1  # a logical GPU without CUDA (tests) also lands here
-    if gpus < 1:  # fractional GPUs are not isolated: hold this trial to its share
-        total = torch.cuda.get_device_properties(0).total_memory
-        fraction = max(0.5 * gpus, (gpus * total - context_reserve_mb * 2**20) / total)
-        torch.cuda.set_per_process_memory_fraction(fraction, 0)
-    return "cuda", max(1, int(gpus))

@@ -16,9 +16,9 @@ PACKAGE = os.path.join(ROOT, "iterand_tune")
 
 # Lowest first: a module may import only modules before it. `data` is a package (data/*),
 # whose modules may also import each other. `__main__` sits on top of everything.
-LAYERS = ("vocabulary", "config", "supermask", "models", "data", "training", "storage",
-          "ray_assumptions", "runs", "terminal", "resources", "search_space", "experiments",
-          "tracking", "tune", "search", "cli", "__main__")
+LAYERS = ("vocabulary", "config", "supermask", "models", "data", "training", "trial_setup",
+          "storage", "ray_assumptions", "runs", "terminal", "resources", "search_space",
+          "experiments", "tracking", "tune", "search", "cli", "__main__")
 # Shared by both command lines and the analysis package: the run reader and what it stands on.
 LEAVES = {"storage": {"vocabulary"}, "terminal": {"vocabulary"}, "vocabulary": set(),
           "ray_assumptions": {"storage"}, "runs": {"storage", "ray_assumptions", "vocabulary"}}
@@ -29,7 +29,8 @@ LATE_IMPORTS = {
     ("data.readers", "torchvision.datasets"): "a slow import (about 2 s), only for files on disk",
     ("data.readers", "torchvision.datasets.utils"): "the same package",
     ("data.augment", "torchvision.transforms"): "the same slow import, only for ImageNet",
-    ("resources", "ray"): "GPU machines without Ray use claim_resources and gpu_share",
+    ("resources", "iterand_tune.models.estimate_macs"): "torch: --help and --dry-run need no GPU share",
+    ("resources", "ray"): "a GPU machine without Ray still uses gpu_share and the checks",
     ("resources", "ray.util.scheduling_strategies"): "the same; a submodule ray does not load",
     ("search_space", "ray.tune"): "experiment files load without Ray",
     ("tracking", "ray.tune.logger.mlflow.MLflowLoggerCallback"): "imports mlflow: only with --mlflow",

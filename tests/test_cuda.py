@@ -384,7 +384,7 @@ def test_a_quarter_share_cannot_allocate_more_than_its_cap():
     # with CUDA's out-of-memory error, not a hang, and one inside it succeeds.
     proc = _python(
         "import torch\n"
-        "from iterand_tune.resources import claim_resources\n"
+        "from iterand_tune.trial_setup import claim_resources\n"
         "assert claim_resources(1, 0.25) == ('cuda', 1)\n"
         "total = torch.cuda.get_device_properties(0).total_memory\n"
         "get = getattr(torch.cuda, 'get_per_process_memory_fraction', None)\n"

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from iterand_tune.resources import claim_resources
+from iterand_tune.trial_setup import claim_resources
 
 from helpers import ROOT, load_benchmark
 

@@ -1,23 +1,23 @@
 """Tests for iterand_tune.resources: GPU shares 1/k and the size rule, what one trial asks for,
 refusals of requests no node can satisfy, of storage some node cannot see and of a cluster
-address nothing answers at, and `claim_resources` fitting a trial's process to its share."""
+address nothing answers at, and the worker setup a quiet run names to Ray."""
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 from iterand_tune.cli import main
 from iterand_tune.experiments import Experiment
-from iterand_tune.resources import (GPU_SHARES, check_address, check_cluster, check_gpus,
-                                    check_storage, claim_resources, describe_request, gpu_share,
-                                    quiet_worker, trial_request)
+from iterand_tune.resources import (GPU_SHARES, QUIET_WORKER, check_address, check_cluster,
+                                    check_gpus, check_storage, describe_request, gpu_share,
+                                    trial_request)
 from iterand_tune.storage import RunError
+from iterand_tune.trial_setup import quiet_worker
 
 from helpers import write_digits
 
@@ -165,54 +165,6 @@ def test_unreachable_address_as_a_command_is_one_line(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-# ------------------------------------------------------------------ inside a trial
-
-def test_claim_resources_caps_memory_to_the_gpu_share(monkeypatch):
-    caps = []
-    threads = torch.get_num_threads()
-    card = SimpleNamespace(total_memory=16 * 2**30)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: card)
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: caps.append((f, d)))
-    try:
-        # a quarter of a 16 GiB card, less 1 GiB for the process's CUDA context
-        assert claim_resources(1, 0.25) == ("cuda", 1) and caps == [(pytest.approx(3 / 16), 0)]
-        assert torch.get_num_threads() == 1
-        assert claim_resources(2, 2) == ("cuda", 2) and len(caps) == 1  # whole GPUs: no cap
-        assert torch.get_num_threads() == 2
-        assert claim_resources(1, 0.5, use_cuda=False) == ("cpu", 1) and len(caps) == 1
-        assert claim_resources(0.5, 0) == ("cpu", 1)
-        assert torch.get_num_threads() == 1  # half a CPU still gets one thread
-        card.total_memory = 2 * 2**30  # a small card: never below half the share
-        assert claim_resources(1, 0.25) == ("cuda", 1) and caps[-1] == (pytest.approx(0.125), 0)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_quiet_workers_say_nothing_of_an_exit_raised_in_a_finalizer(monkeypatch):
-    """Ray's SIGTERM handler raises SystemExit in the worker; inside a finalizer Python reports it
-    through sys.unraisablehook ("Exception ignored in ..." and a traceback, forwarded to the
-    driver's terminal). A quiet worker drops that one; other unraisable errors still show."""
-    import logging
-
-    seen = []
-    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(type(u.exc_value)))
-    loggers = [logging.getLogger(name) for name in ("ray.tune", "ray.train")]
-    levels = [logger.level for logger in loggers]
-    try:
-        quiet_worker()
-        assert [logger.level for logger in loggers] == [logging.WARNING] * 2
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-    class Finalized:
-        def __init__(self, error):
-            self.error = error
-
-        def __del__(self):
-            raise self.error
-
-    Finalized(SystemExit(1))
-    Finalized(ValueError("shown"))
-    assert seen == [ValueError]
+def test_a_quiet_run_names_the_worker_setup_that_exists():
+    module, _, name = QUIET_WORKER.rpartition(".")
+    assert getattr(importlib.import_module(module), name) is quiet_worker

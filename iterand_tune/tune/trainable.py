@@ -15,7 +15,7 @@ import ray
 from ray import tune
 
 from ..config import TrialConfig
-from ..resources import claim_resources
+from ..trial_setup import claim_resources
 from ..runs import REPORTS_FILE
 from ..storage import CHECKPOINT_FILE, TRIAL_KEY
 from ..training import Trainer
