@@ -9,28 +9,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import sys
 import time
 from importlib import metadata
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from .config import METHODS, ConfigError, ExperimentError, TrialConfig, parse_value
-from .data import DataError
 from .experiments import Experiment, all_trials, load, prepare, select
 from .resources import check_address, check_gpus
 from .runs import RUN_FILE, read_marker
+from .search_plan import DEFAULT_NUM_SAMPLES, DEFAULT_REDUCTION_FACTOR, Point, default_grace_period, \
+    points
 from .storage import RunError, absolute, exists, join_path, newest_run
 from .terminal import OneLineParser, UsageError, format_table, run_main
 from .tracking import MLFLOW_DEFAULT, Tracking, check_installed, mlflow_uri, wandb_offline_runs, \
     wandb_root, wandb_sync_command
 
-from .training import Trainer
-
-# Ray Tune and HyperOpt are imported only when a run or a search starts (`_tune`, `_search`):
-# `train`, --help and --dry-run work on a machine without them, such as a bare GPU box.
+# torch is imported only when a trial trains here (`_train`) or a run starts, Ray Tune and
+# HyperOpt only when a run or a search starts (`_tune`, `_search`): --help and --dry-run need
+# none of them, and `train` works on a machine without Ray, such as a bare GPU box.
 
 
 def _build_train_parser() -> argparse.ArgumentParser:
@@ -135,6 +136,7 @@ def overrides_to_dict(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .training import Trainer  # torch: only a trial trained here needs it, not `train --help`
     values = dict(METHODS[args.method]) if args.method else {}
     values.update(overrides_to_dict(args.overrides))
     if args.data_dir:
@@ -312,7 +314,7 @@ def _run(args: argparse.Namespace) -> int:
     experiments = _from_search(args) if args.from_search else _experiments(args)
     if args.search:
         pts = _search_points(experiments, args)
-        num_samples = args.num_samples or _search().DEFAULT_NUM_SAMPLES
+        num_samples = args.num_samples or DEFAULT_NUM_SAMPLES
         if args.dry_run:
             return _dry_run_search(pts, num_samples, args.grace_period)
     if args.dry_run:
@@ -330,7 +332,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.search:
         search = _search()
         search_run = search.SearchRun(pts, num_samples, args.grace_period,
-                                      args.reduction_factor or search.DEFAULT_REDUCTION_FACTOR,
+                                      args.reduction_factor or DEFAULT_REDUCTION_FACTOR,
                                       args.search_seed or 0)
     fresh = _marker(args, "search" if args.search else "grid", experiments, search_run)
     if marker is not None:
@@ -345,7 +347,7 @@ def _run(args: argparse.Namespace) -> int:
     n = len(opts.planned)
     print(f"{'resuming' if args.resume else 'starting'} {name}: {n} trials of "
           f"{len(experiments)} experiment(s); results in {opts.path}", flush=True)
-    summary = tune.run(opts)
+    summary = _start(opts)
     if summary.interrupted:
         return _interrupted(summary, args, name)
     print()
@@ -370,6 +372,22 @@ def _run(args: argparse.Namespace) -> int:
               f"continue with: {_resume_command(args, name)}", file=sys.stderr)
         code = 1
     return code
+
+
+def _start(opts: Any, search: Any = None) -> Any:
+    """The run itself (Ray Tune); its summary."""
+    with _data_errors():  # a local run checks each dataset once before Ray starts
+        return _tune().run(opts, search=search)
+
+
+@contextlib.contextmanager
+def _data_errors() -> Iterator[None]:
+    """A dataset that is missing or broken is the user's to fix: one line, exit 2."""
+    from .data import DataError  # torch: only code that reads data raises it, --dry-run never
+    try:
+        yield
+    except DataError as err:
+        raise UsageError(str(err)) from None
 
 
 def _same_plan(marker: dict[str, Any], fresh: dict[str, Any], file: str) -> None:
@@ -482,9 +500,9 @@ def _check_run_flags(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------ hyperparameter search
 
-def _search_points(experiments: Sequence[Experiment], args: argparse.Namespace) -> list[Any]:
+def _search_points(experiments: Sequence[Experiment], args: argparse.Namespace) -> list[Point]:
     """The figure points of the experiments that have a search space."""
-    pts = _search().points(experiments)
+    pts = points(experiments)
     if not pts:
         raise UsageError(f"{args.file} defines no search space for "
                          f"{'these experiments' if args.only or args.keys else 'its experiments'}: "
@@ -495,11 +513,11 @@ def _search_points(experiments: Sequence[Experiment], args: argparse.Namespace) 
     return pts
 
 
-def _dry_run_search(pts: Sequence[Any], num_samples: int, grace_period: Optional[int]) -> int:
+def _dry_run_search(pts: Sequence[Point], num_samples: int, grace_period: Optional[int]) -> int:
     rows = []
     for p in pts:
         cfg = TrialConfig.from_dict(p.experiment.config)
-        grace = min(grace_period or _search().default_grace_period(p.epochs), p.epochs)
+        grace = min(grace_period or default_grace_period(p.epochs), p.epochs)
         rows.append((p.name, cfg.method, str(p.epochs), str(grace), str(cfg.seed),
                      "; ".join(f"{k}: {d.describe()}" for k, d in p.space.items())))
     print(format_table(("point", "method", "epochs", "grace", "seed", "search space"), rows))
@@ -512,7 +530,7 @@ def _run_search(run: Any, args: argparse.Namespace, opts: Any) -> int:
     search = _search()
     print(f"{'resuming' if args.resume else 'starting'} {opts.name}: search of {len(run.points)} "
           f"figure point(s), {run.per_point} trials each; results in {opts.path}", flush=True)
-    summary = _tune().run(opts, search=run)
+    summary = _start(opts, search=run)
     if summary.interrupted:
         return _interrupted(summary, args, opts.name)
     print()
@@ -547,7 +565,7 @@ def _from_search(args: argparse.Namespace) -> list[Experiment]:
     return prepare(search.reproduction(picked), _values(args), args.smoke_test)
 
 
-USER_ERRORS = (ConfigError, DataError, ExperimentError, RunError)
+USER_ERRORS = (ConfigError, ExperimentError, RunError)  # and DataError, see _data_errors
 
 
 def _command(argv: list[str]) -> int:
@@ -555,7 +573,9 @@ def _command(argv: list[str]) -> int:
         raise UsageError("give an experiment file, e.g. `python -m iterand_tune "
                          "experiments/quickstart.py`, or the command `train` for one trial")
     if argv[0] == "train":
-        return _train(_build_train_parser().parse_args(argv[1:]))
+        args = _build_train_parser().parse_args(argv[1:])
+        with _data_errors():
+            return _train(args)
     return _run(_build_run_parser().parse_args(argv))
 
 

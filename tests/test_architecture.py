@@ -16,9 +16,10 @@ PACKAGE = os.path.join(ROOT, "iterand_tune")
 
 # Lowest first: a module may import only modules before it. `data` is a package (data/*),
 # whose modules may also import each other. `__main__` sits on top of everything.
-LAYERS = ("vocabulary", "config", "supermask", "models", "data", "training", "trial_setup",
-          "storage", "ray_assumptions", "runs", "terminal", "resources", "search_space",
-          "experiments", "tracking", "tune", "search", "cli", "__main__")
+LAYERS = ("vocabulary", "gpu_shares", "config", "supermask", "models", "data", "training",
+          "trial_setup", "storage", "ray_assumptions", "runs", "terminal", "resources",
+          "search_space", "experiments", "search_plan", "tracking", "tune", "search", "cli",
+          "__main__")
 # Shared by both command lines and the analysis package: the run reader and what it stands on.
 LEAVES = {"storage": {"vocabulary"}, "terminal": {"vocabulary"}, "vocabulary": set(),
           "ray_assumptions": {"storage"}, "runs": {"storage", "ray_assumptions", "vocabulary"}}
@@ -37,6 +38,8 @@ LATE_IMPORTS = {
     ("tracking", "mlflow.tracking.MlflowClient"): "mlflow is optional",
     ("tracking", "ray.tune.logger.wandb.WandbLoggerCallback"): "imports wandb: only with --wandb",
     ("ray_assumptions", "ray.train.constants._get_ray_train_session_dir"): "Ray's private API, one function",
+    ("cli", "iterand_tune.training.Trainer"): "torch: only `train` trains, not its --help",
+    ("cli", "iterand_tune.data.DataError"): "torch: only a trial or a started run reads data",
     ("cli", "iterand_tune.tune"): "train, --help and --dry-run work without Ray",
     ("cli", "iterand_tune.search"): "only a search needs Ray Tune's searchers and HyperOpt",
 }

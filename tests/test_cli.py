@@ -1,7 +1,7 @@
 """Tests for iterand_tune.cli: one tiny `train` run on the offline digits data, the trials a
 run would start (--dry-run with --only, --set, --smoke-test, --data-dir), run names and
-resumes, and every user error ending as one `error: ...` line on stderr with exit code 2
-(in-process and as `python -m`)."""
+resumes, every user error ending as one `error: ...` line on stderr with exit code 2
+(in-process and as `python -m`), and --help and --dry-run loading neither torch nor Ray."""
 
 from __future__ import annotations
 
@@ -292,3 +292,32 @@ def test_dry_run_json_piped_into_head_prints_no_traceback():
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+# Each command, run in one fresh process one after the other, then the heavy packages it loaded.
+LIGHT_COMMANDS = (["--help"], ["train", "--help"], [FIGURE2, "--dry-run"],
+                  [FIGURE2, "--dry-run", "--json"], [FIGURE2, "--search", "--dry-run"],
+                  [FIGURE2, "--search", "--dry-run", "--json", "--only", "figure2_conv6_ku_sgd"])
+HEAVY = ("torch", "torchvision", "ray", "hyperopt")
+
+
+def test_help_and_dry_runs_load_neither_torch_nor_ray():
+    """A laptop without a GPU, or a login node, lists a run's trials in a fraction of a second;
+    torch and Ray (several seconds of imports) wait until something trains or a run starts."""
+    code = ("import contextlib, io, json, sys\n"
+            "from iterand_tune.cli import main\n"
+            f"for argv in {[list(c) for c in LIGHT_COMMANDS]!r}:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n"
+            "            rc = main(argv)\n"
+            "        except SystemExit as done:  # --help\n"
+            "            rc = done.code\n"
+            f"    heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))\n"
+            "    print(json.dumps([argv[-2:], rc, heavy]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == len(LIGHT_COMMANDS)
+    for argv, rc, heavy in rows:
+        assert (rc, heavy) == (0, []), f"{' '.join(argv)} exited {rc} having imported {heavy}"
