@@ -3,6 +3,7 @@ stderr (`error: ...`) and exit code 2.
 
     python -m analysis table RUN [--rows points|trials|epochs] [-o FILE.csv|FILE.parquet]
     python -m analysis figure1|figure2|figure3 RUN [-o FILE.png|.pdf|.svg]
+    python -m analysis report RUN [-o FILE.html] [--claims FILE.yaml]
 
 RUN is a run's folder (STORAGE/NAME, or a URI such as s3://bucket/runs/NAME), or a Parquet
 table of trials written by `table --rows trials -o FILE.parquet`.
@@ -15,14 +16,17 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
+from iterand_tune.storage import join_path
 from iterand_tune.terminal import OneLineParser, UsageError, fmt, format_table, points_table, run_main
 
 from .figures import FIGURES, save
+from .report import REPORT_FILE, build_report, load_claims
 from .results import (ResultsError, aggregate, load_history, load_results, read_parquet, to_csv,
-                      to_parquet)
+                      to_parquet, write_bytes)
 
 TABLE_FORMATS = (".csv", ".parquet")
 FIGURE_FORMATS = (".png", ".pdf", ".svg")
+REPORT_FORMATS = (".html", ".htm")
 
 
 
@@ -30,7 +34,7 @@ FIGURE_FORMATS = (".png", ".pdf", ".svg")
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m analysis",
                 description="Tables and the paper's figures from a stored iterand_tune run.")
-    sub = p.add_subparsers(dest="command", metavar="{table,figure1,figure2,figure3}",
+    sub = p.add_subparsers(dest="command", metavar="{table,figure1,figure2,figure3,report}",
                            parser_class=OneLineParser)
     results_help = ("the run's folder (STORAGE/NAME) or URI (s3://...), or a Parquet table "
                     "written by `table --rows trials`")
@@ -50,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("results", metavar="RUN", help=results_help)
         f.add_argument("-o", "--output", metavar="FILE",
                        help=f"where to write it: .png, .pdf or .svg (default {name}.png)")
+    r = sub.add_parser("report", help="one self-contained HTML file: what was run, the paper's "
+                                      "claims checked, figures, learning curves, search, cost")
+    r.add_argument("results", metavar="RUN", help="the run's folder (STORAGE/NAME) or URI (s3://...)")
+    r.add_argument("-o", "--output", metavar="FILE",
+                   help=f"where to write it: .html, a path or URI (default RUN/{REPORT_FILE})")
+    r.add_argument("--claims", metavar="FILE",
+                   help="the claims to check (default: claims.yaml beside the run's experiment "
+                        "file, else experiments/claims.yaml)")
     return p
 
 
@@ -144,11 +156,27 @@ def _figure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    _check_output(args.output, REPORT_FORMATS, "a report")
+    if args.results.lower().endswith(".parquet"):
+        raise UsageError(f"{args.results}: a report needs the run's folder (its run.json, "
+                         "epochs and errors), not a table of trials")
+    if args.claims is not None:
+        load_claims(args.claims)  # a claims file asked for by name must be readable: say so now
+    output = args.output or join_path(args.results, REPORT_FILE)
+    report = build_report(args.results, args.claims)
+    write_bytes(report.html.encode("utf-8"), output)
+    print(f"wrote {output} ({report.summary})")
+    return 0
+
+
 def _command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
-        raise UsageError("give a command: table, figure1, figure2 or figure3, then a run's "
-                         "folder, e.g. `python -m analysis figure2 ray_results/NAME`")
+        raise UsageError("give a command: table, figure1, figure2, figure3 or report, then a "
+                         "run's folder, e.g. `python -m analysis report ray_results/NAME`")
+    if args.command == "report":
+        return _report(args)
     return _table(args) if args.command == "table" else _figure(args)
 
 
