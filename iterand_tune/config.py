@@ -230,6 +230,15 @@ def _choice(cfg: TrialConfig, name: str, choices: tuple, optional: bool = False)
 
 
 def _validate(cfg: TrialConfig) -> None:
+    """Every rule on a trial's options, topic by topic, in the order of the fields: the first
+    broken one is the ConfigError."""
+    for check in (_check_what, _check_data, _check_optimisation, _check_schedule, _check_network,
+                  _check_iterand, _check_runtime):
+        check(cfg)
+
+
+def _check_what(cfg: TrialConfig) -> None:
+    """The model, dataset and seed."""
     if parse_model(cfg.model) is None:
         close = difflib.get_close_matches(cfg.model, model_names(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -238,6 +247,10 @@ def _validate(cfg: TrialConfig) -> None:
                "(F = width factor > 0)")
     _choice(cfg, "dataset", DATASET_NAMES)
     _check(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
+
+
+def _check_data(cfg: TrialConfig) -> None:
+    """Data subset, batch sizes, epochs and loader workers."""
     if cfg.max_train_dataset_size is not None:
         _check(cfg.max_train_dataset_size >= 1, "max_train_dataset_size",
                cfg.max_train_dataset_size, "must be >= 1 or None")
@@ -245,6 +258,9 @@ def _validate(cfg: TrialConfig) -> None:
         _check(getattr(cfg, name) >= 1, name, getattr(cfg, name), "must be >= 1")
     _check(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "must be >= 0")
 
+
+def _check_optimisation(cfg: TrialConfig) -> None:
+    """The optimiser and its numbers."""
     _choice(cfg, "optimizer", OPTIMIZERS)
     for name in _FLOAT_FIELDS:  # NaN or inf anywhere would silently poison a trial
         v = getattr(cfg, name)
@@ -253,6 +269,10 @@ def _validate(cfg: TrialConfig) -> None:
         v = getattr(cfg, name)
         _check(v >= 0, name, v, "must be >= 0")
     _check(cfg.sgd_momentum < 1, "sgd_momentum", cfg.sgd_momentum, "must be in [0, 1)")
+
+
+def _check_schedule(cfg: TrialConfig) -> None:
+    """The learning-rate schedule: warm-up, cosine or steps, fine-tuning; the train mode."""
     _choice(cfg, "lr_scheduler", LR_SCHEDULERS, optional=True)
     _check(cfg.warmup_epochs >= 0, "warmup_epochs", cfg.warmup_epochs, "must be >= 0")
     _check(cfg.finetuning_epochs >= 0, "finetuning_epochs", cfg.finetuning_epochs, "must be >= 0")
@@ -270,6 +290,9 @@ def _validate(cfg: TrialConfig) -> None:
                "lr_milestones", ms, "MultiStepLR needs increasing epochs >= 1, e.g. [50, 75]")
     _choice(cfg, "train_mode", TRAIN_MODES)
 
+
+def _check_network(cfg: TrialConfig) -> None:
+    """Batch norm, sparsity (none for the dense SGD baseline) and initialisations."""
     _check(0.0 <= cfg.bn_momentum <= 1.0, "bn_momentum", cfg.bn_momentum, "must be in [0, 1]")
     _check(0.0 <= cfg.conv_sparsity < 1.0, "conv_sparsity", cfg.conv_sparsity, "must be in [0, 1)")
     if cfg.linear_sparsity is not None:
@@ -286,6 +309,9 @@ def _validate(cfg: TrialConfig) -> None:
     _check(cfg.init_scale > 0, "init_scale", cfg.init_scale, "must be > 0")
     _check(cfg.init_scale_score > 0, "init_scale_score", cfg.init_scale_score, "must be > 0")
 
+
+def _check_iterand(cfg: TrialConfig) -> None:
+    """Re-randomisation: its mode, period, rate and the parameters each mode needs."""
     _choice(cfg, "rerand_mode", RERAND_MODES, optional=True)
     _check(cfg.rerand_freq >= 1, "rerand_freq", cfg.rerand_freq, "must be >= 1")
     _choice(cfg, "rerand_freq_unit", RERAND_FREQ_UNITS)
@@ -301,6 +327,10 @@ def _validate(cfg: TrialConfig) -> None:
     if cfg.rerand_mode == "manual":
         _check(cfg.rerand_mu is not None, "rerand_mu", cfg.rerand_mu,
                "must be set when rerand_mode is 'manual'")
+
+
+def _check_runtime(cfg: TrialConfig) -> None:
+    """Debug caps and the speed options."""
     for name in ("debug_max_iters", "debug_max_eval_iters"):
         v = getattr(cfg, name)
         _check(v is None or v >= 1, name, v, "must be >= 1 or None")
