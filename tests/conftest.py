@@ -22,7 +22,7 @@ RAY_FIXTURES = ("ray_cluster", "digits_run")
 # order, the longest first (the session-Ray unit to one worker, the modules that start a Ray of
 # their own to the other), then the other modules in their usual order. A worker is handed its
 # next unit while its last two tests run, so the units that come last are the short ones.
-SESSION_RAY_MODULES = ("tests/test_analysis.py", "tests/test_ray_assumptions.py",
+SESSION_RAY_MODULES = ("tests/test_analysis.py", "tests/test_ray_assumptions.py", "tests/test_report.py",
                        "tests/test_resume_loops.py", "tests/test_search.py", "tests/test_tracking.py",
                        "tests/test_tune.py", "tests/test_tune_interrupts.py")
 FIRST = (*SESSION_RAY_MODULES, "tests/test_cluster.py", "tests/test_storage_s3.py",
