@@ -1134,7 +1134,8 @@ counted by the model (before pruning: all prunable weights; after: those the mas
 {% else %}{{ failed(s.curves) }}{% endif %}
 {% endif %}
 
-<h2 id="cost">5. Cost and failures</h2>
+{% set k = 4 if s.search else 5 %}
+<h2 id="cost">{{ k }}. Cost and failures</h2>
 {% if s.cost.ok %}{% set c = s.cost.data %}
 <p>{{ c.trials }} trials trained for <b>{{ c.total }}</b> in total ({{ c.total_hours }} trial-hours),
 <b>{{ c.gpu_hours }} GPU-hours</b>. {{ c.how }} A trial's time is Ray's <code>time_total_s</code>: its training
@@ -1153,7 +1154,7 @@ and evaluation, over all its attempts; trials that ran side by side overlap.</p>
 {% else %}{{ failed(s.cost) }}{% endif %}
 
 {% if s.overview.ok and not s.overview.data.complete %}{% set o = s.overview.data %}
-<h2 id="missing">6. What is missing</h2>
+<h2 id="missing">{{ k + 1 }}. What is missing</h2>
 <p>{{ o.missing | length }} trial{{ '' if o.missing | length == 1 else 's' }} started or planned {{ 'has' if o.missing | length == 1 else 'have' }} not ended{% if o.unsampled %}, and {{ o.unsampled }} search sample{{ '' if o.unsampled == 1 else 's' }} {{ 'is' if o.unsampled == 1 else 'are' }} not drawn yet{% endif %}.
 {% if o.resume %}If the run was interrupted, continue it with <code>{{ o.resume }}</code>, then make the report again.{% endif %}</p>
 {% if o.missing %}<pre>{% for m in o.missing %}{{ m }}
