@@ -481,7 +481,7 @@ def _search_figure(samples: list[dict[str, Any]], searched: Sequence[str], max_e
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch", fontsize=8)
     ax.set_ylabel("val. accuracy (%)", fontsize=8)
-    ax.set_title("samples (x: stopped by ASHA; red: chosen)", fontsize=8)
+    ax.set_title("samples (x: stopped by ASHA; v: diverged; red: chosen)", fontsize=8)
     for ax, option in zip(axes[1:], searched):
         xs = [(s["config"].get(option), s["best_val_acc"], s) for s in samples
               if isinstance(s["config"].get(option), (int, float)) and s["best_val_acc"] is not None]
@@ -498,7 +498,7 @@ def _search_figure(samples: list[dict[str, Any]], searched: Sequence[str], max_e
         ax.set_xlabel(_option_name(option), fontsize=8)
         ax.set_ylabel("best val. acc. (%)", fontsize=8)
     if len(axes) > 1:
-        axes[1].set_title("each sample (hollow: stopped early; star: chosen)", fontsize=8, loc="left")
+        axes[1].set_title("each sample (hollow: ended early; star: chosen)", fontsize=8, loc="left")
     for ax in axes:
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
