@@ -90,7 +90,20 @@ def test_what_cannot_be_rebuilt_is_one_line(tmp_path):
     with pytest.raises(RunError, match=r"experiment_state-2026-01-01_00-00-00.json is unreadable "
                                        r"and .* has no run.json"):
         prepare(str(run), None)
+    c = configs()
+    write_trial(run, "e-conv6x0.25-seed1-aaa", {**c[0], "point": "p", "sample": 0}, [1], [1])
     with pytest.raises(RunError, match="a search cannot be rebuilt"):
         prepare(str(run), {**marker, "kind": "search"})
+    import shutil
+    shutil.rmtree(run / "e-conv6x0.25-seed1-aaa")
     assert sorted(p.name for p in run.iterdir()) == [
         "experiment_state-2026-01-01_00-00-00.json", "tuner.pkl"]  # nothing moved
+
+
+def test_a_search_killed_before_any_report_starts_again(tmp_path):
+    run, marker = run_folder(tmp_path)
+    (run / "run.json").write_text("{}")
+    plan = prepare(str(run), {**marker, "kind": "search"})  # no state saved yet, no report
+    assert (plan.how, plan.done) == ("rebuild", [])
+    assert sorted(p.name for p in run.iterdir()) == [SET_ASIDE, "run.json"]
+    assert "no trial has reported yet" in plan.notes[0]

@@ -91,6 +91,8 @@ def reached(moment, run_dir, total):
     """Whether the run at `run_dir` has reached the moment to be interrupted at."""
     if moment == "before_first_report":
         return os.path.exists(os.path.join(run_dir, "run.json"))
+    if not os.path.isdir(run_dir):
+        return False
     states = trial_states(run_dir)
     ended = [s for s, _ in states.values() if s in ("TERMINATED", "ERROR")]
     if moment == "mid_run":

@@ -74,17 +74,18 @@ def _rebuild(run_path: str, marker: Optional[dict[str, Any]], states: list,
         raise RunError(f"--resume: {what} and {run_path} has no {RUN_FILE} (the run predates it), "
                        "so it cannot be rebuilt from its trial folders: restore the file from a "
                        "copy, or start the run again under a new --name")
-    if marker.get("kind") != GRID:
+    run = read_run(run_path, require=False)
+    if marker.get("kind") != GRID and any(t.rows for t in run.started):
         raise RunError(f"--resume: {what}; a search cannot be rebuilt from its trial folders "
                        "(its samples depend on the order of results): restore the file from a "
                        "copy, or start the search again under a new --name")
-    run = read_run(run_path, require=False)
     done = sorted(t.slot[1] for t in run.started
                   if t.slot and t.slot[0] == GRID and t.status in ("finished", "diverged"))
     kept = {os.path.basename(t.folder or "") for t in run.started if t.slot and t.slot[1] in done}
     moves = [n for n in names if n not in (RUN_FILE, SET_ASIDE) and n not in kept]
     note = (f"{what}: rebuilt from the trial folders; {len(done)} finished trial(s) kept, the "
-            f"rest start again (their files set aside in {SET_ASIDE}/)")
+            f"rest start again (their files set aside in {SET_ASIDE}/)" if done or marker.get("kind") == GRID
+            else f"{what} and no trial has reported yet: it starts again from its run.json")
     return ResumePlan("rebuild", None, done, [note]), moves
 
 
