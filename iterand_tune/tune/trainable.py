@@ -15,10 +15,10 @@ import ray
 from ray import tune
 
 from ..config import TrialConfig
-from ..trial_setup import claim_resources
 from ..runs import REPORTS_FILE
 from ..storage import CHECKPOINT_FILE, TRIAL_KEY
 from ..training import Trainer
+from ..trial_setup import claim_resources
 
 
 def train_trial(config: dict[str, Any]) -> None:
