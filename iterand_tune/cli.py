@@ -53,6 +53,17 @@ def _build_run_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m iterand_tune",
                 description="Run an experiment file's trials as one Ray Tune run "
                             "(`python -m iterand_tune train --help`: one trial, no Ray).")
+    _add_trials_options(p)
+    _add_place_options(p)
+    _add_resource_options(p)
+    _add_session_options(p)
+    _add_search_options(p)
+    _add_tracking_options(p)
+    return p
+
+
+def _add_trials_options(p: argparse.ArgumentParser) -> None:
+    """Which trials: the file, its experiments, what changes in every trial, --dry-run."""
     p.add_argument("file", metavar="FILE",
                    help="experiment file (experiments/figure2.py) or the original config.yaml")
     p.add_argument("keys", nargs="*", metavar="KEY",
@@ -66,6 +77,10 @@ def _build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the trials; start nothing")
     p.add_argument("--json", action="store_true",
                    help="with --dry-run: one JSON object per trial (TrialConfig fields + experiment)")
+
+
+def _add_place_options(p: argparse.ArgumentParser) -> None:
+    """Where the run goes and where its data is."""
     p.add_argument("--storage-path", default="ray_results",
                    help="where results go: a folder (made absolute) or a URI such as s3://bucket/x "
                         "(default: ./ray_results)")
@@ -78,6 +93,10 @@ def _build_run_parser() -> argparse.ArgumentParser:
                    help="download datasets that are absent: the default already "
                         "(dataset_download=true), so this matters only for an experiment that "
                         "sets dataset_download=false")
+
+
+def _add_resource_options(p: argparse.ArgumentParser) -> None:
+    """What each trial asks for, how many run at once, retries and worker processes."""
     p.add_argument("--gpus-per-trial", type=float, metavar="G",
                    help="GPUs per trial: 1/k (0.5, 0.25, ...) or a whole number "
                         "(default: from the model's size, 1/4 for small nets)")
@@ -88,6 +107,10 @@ def _build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reuse-actors", dest="reuse_actors", action="store_false",
                    help="start a new process for every trial instead of reusing worker processes "
                         "(each trial then pays a process start and a torch import)")
+
+
+def _add_session_options(p: argparse.ArgumentParser) -> None:
+    """This session of the run: a resume, and what it prints."""
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (--name, else the newest run of FILE) with "
                         "the options it started with (its run.json)")
@@ -95,6 +118,9 @@ def _build_run_parser() -> argparse.ArgumentParser:
                    help="what the run prints while it runs: 0 no progress lines, only the final "
                         "table; 1 a line per finished trial and the progress with an ETA "
                         "(default); 2 Ray Tune's own status tables and log lines instead")
+
+
+def _add_search_options(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("hyperparameter search (docs/search.md)")
     s.add_argument("--search", action="store_true",
                    help="search each figure point's space (the experiments' `search`) with its own "
@@ -112,6 +138,9 @@ def _build_run_parser() -> argparse.ArgumentParser:
     s.add_argument("--from-search", metavar="RUN",
                    help="run each best configuration of a --search run (its folder or URI) with "
                         "seeds 1, 2, 3 to the end, FIFO, with test accuracy")
+
+
+def _add_tracking_options(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("experiment tracking (docs/tracking.md; TensorBoard: "
                              "tensorboard --logdir RUN)")
     t.add_argument("--mlflow", nargs="?", const=MLFLOW_DEFAULT, metavar="TRACKING_URI",
@@ -121,7 +150,6 @@ def _build_run_parser() -> argparse.ArgumentParser:
     t.add_argument("--wandb", metavar="PROJECT",
                    help="log every trial to W&B project PROJECT, grouped by experiment; offline "
                         "under ./wandb without an API key; needs the wandb extra: pip install -e '.[wandb]'")
-    return p
 
 
 def overrides_to_dict(pairs: Sequence[str]) -> dict[str, Any]:
@@ -291,65 +319,74 @@ def _versions() -> dict[str, Optional[str]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """A run of an experiment file: the run resolved (a resume takes the options it started
+    with), its experiments loaded, then listed (--dry-run) or started."""
     _check_run_flags(args)
     storage = absolute(args.storage_path)
-    marker: Optional[dict[str, Any]] = None
-    if args.resume and not args.dry_run:
-        name = _run_name(args, storage)
-        path = join_path(storage, name)
-        if not exists(path):
-            raise RunError(f"--resume: there is no run to resume at {path}")
-        marker = read_marker(path)
-        if marker is None:
-            raise RunError(f"--resume: {path} has no {RUN_FILE}: it was started by an older "
-                           "version of iterand_tune, or it is not a run's folder; resume it with "
-                           "the version that started it, or start it again under a new --name")
-        _take_marker_flags(args, marker, path)
-        _check_run_flags(args)
+    resumed = _resumed(args, storage) if args.resume and not args.dry_run else None
     tracking = _tracking(args)
-    try:
-        gpus = check_gpus(args.gpus_per_trial, "--gpus-per-trial")
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    gpus = _gpus_per_trial(args)
     experiments = _from_search(args) if args.from_search else _experiments(args)
-    if args.search:
-        pts = _search_points(experiments, args)
-        num_samples = args.num_samples or DEFAULT_NUM_SAMPLES
-        if args.dry_run:
-            return _dry_run_search(pts, num_samples, args.grace_period)
+    pts = _search_points(experiments, args) if args.search else []
     if args.dry_run:
-        return _dry_run(experiments, args.json)
-
-    if marker is None:
-        name = _run_name(args, storage)
-        path = join_path(storage, name)
-        if exists(path):
-            raise UsageError(f"{path} already holds a run: add --resume to continue it, "
-                             "or choose another --name")
+        return _dry_run_search(pts, args) if args.search else _dry_run(experiments, args.json)
+    name, marker = resumed or (_new_run_name(args, storage), None)
     check_address(args.address)  # a dead cluster is one line, before anything else is said
     tune = _tune()
-    search_run = None
-    if args.search:
-        search = _search()
-        search_run = search.SearchRun(pts, num_samples, args.grace_period,
-                                      args.reduction_factor or DEFAULT_REDUCTION_FACTOR,
-                                      args.search_seed or 0)
+    search_run = _search_run(pts, args) if args.search else None
     fresh = _marker(args, "search" if args.search else "grid", experiments, search_run)
     if marker is not None:
         _same_plan(marker, fresh, args.file)
-    opts = tune.RunOptions(storage_path=storage, name=name, marker=marker or fresh,
-                           address=args.address, gpus_per_trial=gpus,
-                           cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent,
-                           max_failures=args.max_failures, resume=args.resume,
-                           verbose=args.verbose, reuse_actors=args.reuse_actors, tracking=tracking)
-    if args.search:
+    opts = tune.RunOptions(
+        storage_path=storage, name=name, marker=marker or fresh, address=args.address,
+        gpus_per_trial=gpus, cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent,
+        max_failures=args.max_failures, resume=args.resume, verbose=args.verbose,
+        reuse_actors=args.reuse_actors, tracking=tracking)
+    if search_run is not None:
         return _run_search(search_run, args, opts)
-    n = len(opts.planned)
-    print(f"{'resuming' if args.resume else 'starting'} {name}: {n} trials of "
-          f"{len(experiments)} experiment(s); results in {opts.path}", flush=True)
+    return _run_grid(args, opts, len(experiments))
+
+
+def _resumed(args: argparse.Namespace, storage: str) -> tuple[str, dict[str, Any]]:
+    """--resume: the run's name and its run.json, whose options then replace those not given."""
+    name = _run_name(args, storage)
+    path = join_path(storage, name)
+    if not exists(path):
+        raise RunError(f"--resume: there is no run to resume at {path}")
+    marker = read_marker(path)
+    if marker is None:
+        raise RunError(f"--resume: {path} has no {RUN_FILE}: it was started by an older "
+                       "version of iterand_tune, or it is not a run's folder; resume it with "
+                       "the version that started it, or start it again under a new --name")
+    _take_marker_flags(args, marker, path)
+    _check_run_flags(args)
+    return name, marker
+
+
+def _new_run_name(args: argparse.Namespace, storage: str) -> str:
+    """A new run's folder name, refused when a run is there already."""
+    name = _run_name(args, storage)
+    path = join_path(storage, name)
+    if exists(path):
+        raise UsageError(f"{path} already holds a run: add --resume to continue it, "
+                         "or choose another --name")
+    return name
+
+
+def _gpus_per_trial(args: argparse.Namespace) -> Optional[float]:
+    try:
+        return check_gpus(args.gpus_per_trial, "--gpus-per-trial")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _run_grid(args: argparse.Namespace, opts: Any, n_experiments: int) -> int:
+    """Every planned trial of a grid run, then its table and what to do next."""
+    print(f"{'resuming' if args.resume else 'starting'} {opts.name}: {len(opts.planned)} trials "
+          f"of {n_experiments} experiment(s); results in {opts.path}", flush=True)
     summary = _start(opts)
     if summary.interrupted:
-        return _interrupted(summary, args, name)
+        return _interrupted(summary, args, opts.name)
     print()
     print(summary.table())
     notes = (opts.marker.get("experiments") or {}).values()
@@ -360,6 +397,11 @@ def _run(args: argparse.Namespace) -> int:
     print(f"tables and figures: python -m analysis table {summary.path}; "
           f"python -m analysis figure2 {summary.path} -o figure2.png")
     _tracking_notes(summary.path)
+    return _grid_exit_code(summary, args, opts.name)
+
+
+def _grid_exit_code(summary: Any, args: argparse.Namespace, name: str) -> int:
+    """1, with a line each, when trials diverged or did not finish; else 0."""
     code = 0
     if summary.diverged:
         print(f"error: {len(summary.diverged)} trial(s) diverged, their training loss not finite "
@@ -513,17 +555,28 @@ def _search_points(experiments: Sequence[Experiment], args: argparse.Namespace) 
     return pts
 
 
-def _dry_run_search(pts: Sequence[Point], num_samples: int, grace_period: Optional[int]) -> int:
-    rows = []
+def _num_samples(args: argparse.Namespace) -> int:
+    return args.num_samples or DEFAULT_NUM_SAMPLES
+
+
+def _dry_run_search(pts: Sequence[Point], args: argparse.Namespace) -> int:
+    num_samples, rows = _num_samples(args), []
     for p in pts:
         cfg = TrialConfig.from_dict(p.experiment.config)
-        grace = min(grace_period or default_grace_period(p.epochs), p.epochs)
+        grace = min(args.grace_period or default_grace_period(p.epochs), p.epochs)
         rows.append((p.name, cfg.method, str(p.epochs), str(grace), str(cfg.seed),
                      "; ".join(f"{k}: {d.describe()}" for k, d in p.space.items())))
     print(format_table(("point", "method", "epochs", "grace", "seed", "search space"), rows))
     print(f"{len(pts)} figure points x {num_samples} trials = {len(pts) * num_samples} "
           "trials, each point with its own TPE and ASHA; nothing started (--dry-run)")
     return 0
+
+
+def _search_run(pts: Sequence[Point], args: argparse.Namespace) -> Any:
+    """The search's searcher and scheduler (Ray Tune's, HyperOpt's TPE)."""
+    return _search().SearchRun(pts, _num_samples(args), args.grace_period,
+                               args.reduction_factor or DEFAULT_REDUCTION_FACTOR,
+                               args.search_seed or 0)
 
 
 def _run_search(run: Any, args: argparse.Namespace, opts: Any) -> int:
