@@ -1,27 +1,22 @@
-"""What a supermask costs per training step, on CPU, batch 128, 32x32 inputs.
+"""What a supermask costs per training step: the edge-popup step against the dense step of the same
+network, the mask selection (top-k per layer) alone, one IteRand re-randomisation. On CPU here;
+benchmarks/gpu_check.py runs the same `step_costs` on a GPU.
 
-For Conv6x0.5 and ResNet18x0.25 it prints the ratio
-    (edge-popup training step time) / (dense training step time)
-where the dense network is the same architecture built from plain nn.Conv2d / nn.Linear
-trained by SGD, and the edge-popup one masks every layer (p = 0.5) and trains only the
-scores. Steps of the two are timed alternately in one process after a warm-up, and the
-median of each is used. It also prints the cost of one `rerandomize_` call (IteRand,
-bernoulli, r = 0.1) relative to one edge-popup step.
-
-Usage: python benchmarks/step_overhead.py [--repeats 30] [--threads N]
+Usage: python benchmarks/step_overhead.py [--repeats 30] [--threads N] [--models M ...]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from iterand_tune.config import TrialConfig
 from iterand_tune.models import Layers, create_model
-from iterand_tune.supermask import rerandomize_
+from iterand_tune.supermask import _threshold, mask_k, rerandomize_, sparse_layers
 
 
 class PlainLayers(Layers):
@@ -34,7 +29,7 @@ class PlainLayers(Layers):
         return nn.Linear(fin, fout)
 
 
-def make_step(model: nn.Module, params, x, y):
+def make_step(model: nn.Module, params, x, y) -> Callable[[], None]:
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -45,34 +40,66 @@ def make_step(model: nn.Module, params, x, y):
     return step
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def measure(name: str, repeats: int, warmup: int = 3) -> tuple[float, float, float, float]:
-    torch.manual_seed(0)
-    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
-    cfg = TrialConfig(model=name, train_mode="score_only", conv_sparsity=0.5, bn_affine=False)
-    masked = create_model(name, cfg)
-    for pname, p in masked.named_parameters():
-        p.requires_grad_(pname.endswith("scores"))
-    scores = [p for p in masked.parameters() if p.requires_grad]
-    dense = create_model(name, layers=PlainLayers(bn_affine=False))
-    dense_step = make_step(dense, list(dense.parameters()), x, y)
-    masked_step = make_step(masked, scores, x, y)
-    rerand = lambda: rerandomize_(masked, "bernoulli", 0.1)  # noqa: E731
+def timed(fn: Callable[[], Any], calls: int, warmup: int, device: torch.device) -> float:
+    """Seconds for `calls` calls of `fn` after `warmup` calls; CUDA events on a GPU, where the
+    host only queues the work."""
     for _ in range(warmup):
-        dense_step(), masked_step(), rerand()
-    td, tm, tr = [], [], []
-    for i in range(repeats):  # alternate so drifts in machine speed hit both equally
-        order = [(tm, masked_step), (td, dense_step)]
-        for times, step in order if i % 2 else order[::-1]:
-            times.append(timed(step))
-        tr.append(timed(rerand))
-    d, m, r = statistics.median(td), statistics.median(tm), statistics.median(tr)
-    return d, m, r, statistics.quantiles([a / b for a, b in zip(tm, td)], n=4)[1]
+        fn()
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return time.perf_counter() - t0
+    torch.cuda.synchronize(device)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
+
+
+def step_costs(model: str, device: torch.device, batch: int = 128, repeats: int = 30, block: int = 1,
+               warmup: int = 3, sparsity: float = 0.5) -> dict[str, Any]:
+    """Milliseconds of one training step, dense (plain nn layers, every weight trained) and
+    masked (edge-popup: scores trained), of the mask selection alone (the k-th smallest score of
+    every layer, what a masked step's forward computes) and of one re-randomisation (bernoulli,
+    r 0.1). Blocks of `block` calls alternate, `repeats` times, so that drifts in clock speed hit
+    all alike; medians. `select_share` and `rerand_share` are per masked step."""
+    if device.type == "cuda":  # the trials' defaults
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    cfg = TrialConfig(model=model, train_mode="score_only", conv_sparsity=sparsity, bn_affine=False)
+    masked = create_model(model, cfg).to(device)
+    for name, p in masked.named_parameters():
+        p.requires_grad_(name.endswith("scores"))
+    dense = create_model(model, layers=PlainLayers(bn_affine=False)).to(device)
+    layers = [(layer.scores, mask_k(layer.scores.numel(), layer.sparsity)) for layer in sparse_layers(masked)]
+
+    def select() -> None:
+        for scores, k in layers:
+            _threshold(scores, k)
+
+    calls = {"dense": make_step(dense, list(dense.parameters()), x, y),
+             "masked": make_step(masked, [p for p in masked.parameters() if p.requires_grad], x, y),
+             "select": select, "rerand": lambda: rerandomize_(masked, "bernoulli", 0.1)}
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(repeats):
+        for name in (list(calls) if i % 2 else list(calls)[::-1]):
+            times[name].append(timed(calls[name], block, 0, device) * 1e3 / block)
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    return dict(model=model, batch=batch, sparsity=sparsity, layers=len(layers), dense_ms=ms["dense"],
+                masked_ms=ms["masked"], ratio=ms["masked"] / ms["dense"],
+                paired=statistics.median(a / b for a, b in zip(times["masked"], times["dense"])),
+                select_ms=ms["select"], select_share=ms["select"] / ms["masked"],
+                rerand_ms=ms["rerand"], rerand_share=ms["rerand"] / ms["masked"],
+                repeats=repeats, block=block)
 
 
 def main() -> None:
@@ -88,8 +115,9 @@ def main() -> None:
     print(f"{'model':<15}{'dense ms':>10}{'masked ms':>11}{'ratio':>8}{'paired':>8}"
           f"{'rerand ms':>11}{'rerand/step':>13}")
     for name in args.models:
-        d, m, r, paired = measure(name, args.repeats)
-        print(f"{name:<15}{d*1e3:>10.1f}{m*1e3:>11.1f}{m/d:>8.3f}{paired:>8.3f}{r*1e3:>11.2f}{r/m:>13.4f}")
+        c = step_costs(name, torch.device("cpu"), repeats=args.repeats)
+        print(f"{name:<15}{c['dense_ms']:>10.1f}{c['masked_ms']:>11.1f}{c['ratio']:>8.3f}{c['paired']:>8.3f}"
+              f"{c['rerand_ms']:>11.2f}{c['rerand_share']:>13.4f}")
     print("ratio = median masked step / median dense step; paired = median of per-pair ratios")
 
 
