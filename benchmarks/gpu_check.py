@@ -1,149 +1,525 @@
-"""The GPU check: one command, at most 8 minutes on one H200, that measures what the GPU work
-promises and writes it down.
+"""The GPU check (`make gpu-check`): the CUDA tests and the project's GPU figures, each measured in
+child processes within one time budget, written to DIR/report.json and DIR/report.md after every
+figure. What it measures and how to read it: docs/gpu.md.
 
-    PYTHONPATH=. python3 benchmarks/gpu_check.py --out gpu-check        (or: make gpu-check)
-
-It needs torch, torchvision, numpy, pytest and the checkout, nothing else (no Ray, no HyperOpt,
-no network, no install). In order, each part starting only while the time budget allows:
-
-1. the CUDA tests (`pytest -m cuda tests/test_cuda.py` in a subprocess, results from its JUnit
-   XML): thresholds, masked forward/backward and re-randomisation against the CPU, the device
-   loader, no host synchronisation in a training step, bit-exact resume, checkpoints moving
-   between CPU and GPU, memory caps, trials sharing the GPU;
-2. training images/s (benchmarks/gpu_throughput.py, part a): Conv6x1.0 and ResNet18x1.0
-   edge-popup, our pipeline with each runtime option against a reference-style one;
-3. the masked (edge-popup) training step against the dense step of the same network (built
-   from plain nn layers, as benchmarks/step_overhead.py does on CPU), batch 128;
-4. packing: k trial processes at once at 1/k of the GPU each (k = 1, 4; Conv6x0.25; each
-   process calls `claim_resources`, as a Ray Tune trial with a fractional GPU does: shared
-   device, `torch.cuda.set_per_process_memory_fraction` cap), aggregate images/s in the window
-   where all k train; with Ray importable, also as real Ray Tune trials (gpu_throughput part b);
-5. a figure-2-like run: synthetic CIFAR-10, Conv6 and ResNet18 at x0.25 and x1.0, SGD,
-   edge-popup and IteRand, 2 epochs of 150 iterations each (`debug_max_iters`, to fit the
-   budget; a full epoch is 352), every trial a process at its default GPU share (`gpu_share`),
-   packed so that the running shares never exceed one GPU; per trial the epoch times, the
-   evaluation time, the time of one checkpoint (`Trainer.save`) and its share of an epoch,
-   peak memory allocated and reserved against the trial's cap;
-6. torch.compile's row of (2), last, since compiling takes a minute or two.
-
-It writes DIR/report.json (every figure measured, the GPU, torch and CUDA versions) and
-DIR/report.md (the same as tables, beside the targets), plus DIR/cuda-tests.xml and the test
-log. `python benchmarks/gpu_hours.py DIR/report.json` turns the epoch times into GPU-hours per
-figure.
-
-Without a CUDA device it prints one line and exits 3; `--allow-cpu` runs a tiny version of every
-part on CPU instead (seconds; the numbers say nothing about a GPU). With a CUDA device it never
-falls back to the CPU: a trial process that finds no CUDA fails. Exit 0 when every part ran and
-every CUDA test passed (targets missed are in the report, not in the exit code), 1 otherwise.
-
-Usage: gpu_check.py [--out DIR] [--allow-cpu] [--budget-s 450] [--skip PART ...]
+Usage: gpu_check.py [--out DIR] [--allow-cpu] [--budget-s 480] [--skip PART ...] [--write-shares [PATH]]
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import math
-import os
-import platform
-import shutil
-import socket
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import traceback
-import xml.etree.ElementTree as ET
-from typing import Any, Callable, Optional
 
-import torch
+START = time.monotonic()  # the budget counts from here: the check's own start-up is in it
+
+import argparse  # noqa: E402 - after START, so that the budget holds the imports too
+import contextlib  # noqa: E402
+import datetime  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import sysconfig  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import uuid  # noqa: E402
+import xml.etree.ElementTree as ET  # noqa: E402
+from typing import Any, Callable, Iterator, Optional  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
+THIS = os.path.abspath(__file__)
 for _path in (ROOT, HERE):  # the checkout and the sibling benchmarks, without an install
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-PARTS = ("tests", "throughput", "overhead", "packing", "figure2", "ray", "compile")
-NO_CUDA_EXIT = 3
+PARTS = ("tests", "compile", "throughput", "step", "packing", "figure2")
+EXIT_FAILED, NO_CUDA_EXIT = 1, 3
+DEFAULT_BUDGET_S = 480.0  # 8 minutes: a 600 s limit keeps 2 minutes of margin
 FULL_EPOCH_ITERS = 352  # ceil(45,000 / 128): one epoch of (synthetic) CIFAR-10 at batch 128
 CHECKPOINT_SHARE_LIMIT = 0.05
+RUN_VAR, PARENT_VAR = "GPU_CHECK_RUN", "GPU_CHECK_PARENT"  # set in every child's environment
+COMPUTE_MODES = {0: "DEFAULT", 1: "EXCLUSIVE_THREAD", 2: "PROHIBITED", 3: "EXCLUSIVE_PROCESS"}
 
-# What each mode runs. The GPU plan is sized for one H200 within the default budget.
+# What each mode runs. The GPU plan is sized for one H200 with 16 cores within the default budget.
 PLANS: dict[str, dict[str, Any]] = {
     "cuda": dict(
-        tests_timeout=240,
-        models_a=["conv6x1.0", "resnet18x1.0"], batch=128, batch_eval=512, steps=100, warmup=20,
-        max_train=None, overhead_models=["conv6x1.0", "resnet18x1.0"], overhead_repeats=20,
-        overhead_block=5, overhead_warmup=5, packing_model="conv6x0.25", packing_ks=[1, 4], packing_epochs=3,
-        packing_iters=None, figure2_models=["conv6x0.25", "conv6x1.0", "resnet18x0.25", "resnet18x1.0"],
-        figure2_epochs=2, figure2_iters=150, trial_timeout=300,
-        target_a="conv6x1.0", target_overhead={"resnet18x1.0": 1.3, "conv6x1.0": 1.2}),
+        batch=128, batch_eval=512, max_train=None, tests_timeout=200,
+        compile_models=["conv6x1.0", "resnet18x1.0"], compile_timeout=120, compile_reserve_s=220,
+        throughput_models=["conv6x1.0", "resnet18x1.0"], steps=100, warmup=20,
+        step_models=["conv6x1.0", "resnet18x1.0"], step_repeats=20, step_block=5, step_warmup=5,
+        packing_models=["conv6x0.25", "resnet18x0.25"], packing_ks=[1, 2, 4, 8, 16],
+        packing_epochs=3, packing_iters=50,
+        figure2_models=["conv6x0.25", "conv6x1.0", "resnet18x0.25", "resnet18x1.0"],
+        figure2_epochs=2, figure2_iters=100, trial_timeout=240,
+        target_throughput=["conv6x1.0", 5.0], target_packing=["conv6x0.25", 4, 3.0],
+        target_step={"conv6x1.0": 1.2, "resnet18x1.0": 1.3}),
     "cpu": dict(
-        tests_timeout=240,
-        models_a=["conv6x0.25"], batch=16, batch_eval=64, steps=2, warmup=2, max_train=64,
-        overhead_models=["conv6x0.25"], overhead_repeats=3, overhead_block=1, overhead_warmup=1,
-        packing_model="conv6x0.25", packing_ks=[1, 2], packing_epochs=2, packing_iters=2,
+        batch=16, batch_eval=64, max_train=64, tests_timeout=240,
+        compile_models=["conv6x0.25"], compile_timeout=300, compile_reserve_s=0,
+        throughput_models=["conv6x0.25"], steps=2, warmup=2,
+        step_models=["conv6x0.25"], step_repeats=3, step_block=1, step_warmup=1,
+        packing_models=["conv6x0.25"], packing_ks=[1, 2], packing_epochs=2, packing_iters=2,
         figure2_models=["conv6x0.25", "resnet18x0.25"], figure2_epochs=2, figure2_iters=2,
-        trial_timeout=300, target_a="conv6x0.25", target_overhead={"conv6x0.25": 1.2}),
+        trial_timeout=300,
+        target_throughput=["conv6x0.25", 5.0], target_packing=["conv6x0.25", 2, 1.5],
+        target_step={"conv6x0.25": 1.2}),
 }
-# Seconds a part is expected to take on the GPU: it starts only with that much budget left.
-NEEDS = {"tests": 60, "throughput": 60, "overhead": 15, "packing": 45, "figure2": 90, "ray": 90,
-         "compile": 120}
+# Seconds an item of a part is expected to take on the GPU: it starts only with that much left.
+NEEDS = {"tests": 60, "compile": 60, "throughput": 25, "step": 10, "packing": 20, "figure2": 45}
 
 
 def say(line: str) -> None:
     print(line, flush=True)
 
 
-def _env() -> dict[str, str]:
-    """The environment of every subprocess: the checkout importable, cuBLAS deterministic."""
+def _fmt(value: Optional[float], digits: int, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def now_iso() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """A kill at any moment leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT: the check stops, marks the part it was in and writes the report."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Signals:
+    """The first SIGTERM or SIGINT raises Interrupted in the main thread, except inside `held`
+    (starting a child, writing the report), where it waits for the block's end; once the check
+    is cleaning up, signals are only recorded."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self.depth, self.raised, self.closing = 0, False, False
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+        if self.depth == 0 and not (self.raised or self.closing):
+            self.raised = True
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0 and self.signum is not None and not (self.raised or self.closing):
+                self.raised = True
+                raise Interrupted(self.signum)
+
+
+# ----------------------------------------------------------------------------- child processes
+
+
+def process_tree(pid: int, proc: str = "/proc") -> list[int]:
+    """`pid` and every process descending from it (from /proc; just `pid` without /proc)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir(proc)
+    except OSError:
+        return [pid]
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc, entry, "stat")) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # the name may hold spaces
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid`'s process group, the groups of its descendants (a child may start a session
+    of its own) and every descendant; never the check's own group."""
+    pids = process_tree(pid)
+    own = os.getpgrp()
+    groups = set()
+    for p in pids:
+        with contextlib.suppress(OSError):
+            groups.add(os.getpgid(p))
+    for group in groups - {own}:
+        with contextlib.suppress(OSError):
+            os.killpg(group, signal.SIGKILL)
+    for p in pids:
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
+
+
+def die_with_parent() -> None:
+    """In a child: be killed when the check's process ends, however it ends (even by SIGKILL,
+    which leaves it no time to stop its children)."""
+    with contextlib.suppress(Exception):
+        import ctypes  # Linux's prctl; elsewhere the check's own kills are all there is
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    parent = os.environ.get(PARENT_VAR)
+    if parent and os.getppid() != int(parent):  # the check ended before prctl took effect
+        os._exit(1)
+
+
+class Children:
+    """The check's child processes, each the leader of a process group of its own: on a timeout,
+    an interrupt or the check's end a child is killed together with whatever it started."""
+
+    def __init__(self) -> None:
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.started: list[int] = []
+
+    def start(self, cmd: list[str], log_path: str, env: dict[str, str]) -> subprocess.Popen:
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[proc.pid] = proc
+        self.started.append(proc.pid)
+        return proc
+
+    def exited(self, proc: subprocess.Popen) -> bool:
+        """Whether `proc` has ended; if so, what it left behind in its group is killed (while
+        its process id cannot have been reused) and it is reaped."""
+        if proc.returncode is not None:
+            return True
+        try:
+            state = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            state = True
+        if state is None:
+            return False
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        self.procs.pop(proc.pid, None)
+        return True
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        kill_tree(proc.pid)
+        proc.wait()
+        self.procs.pop(proc.pid, None)
+
+    def kill_all(self) -> None:
+        for proc in list(self.procs.values()):
+            self.kill(proc)
+
+
+def child_env(run_id: str, **extra: str) -> dict[str, str]:
+    """The environment of every child: the checkout importable, cuBLAS deterministic, the run's
+    mark (tests find leftovers by it) and the check's process id (die_with_parent)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     env.pop("RAY_ADDRESS", None)
+    env[RUN_VAR], env[PARENT_VAR] = run_id, str(os.getpid())
+    env.update(extra)
     return env
 
 
-def _error(err: BaseException) -> str:
-    """One line for a report: the exception and where it was raised."""
-    tb = traceback.extract_tb(err.__traceback__)
-    where = f" ({os.path.basename(tb[-1].filename)}:{tb[-1].lineno})" if tb else ""
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{where}"
+def worker_command(spec_path: str) -> list[str]:
+    return [sys.executable, THIS, "--worker", spec_path]
 
 
-# ----------------------------------------------------------------------------- environment
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """What the figures were measured on."""
-    info: dict[str, Any] = {
-        "device": device.type, "python": platform.python_version(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-        "platform": platform.platform(), "hostname": socket.gethostname(),
-        "cpu_count": os.cpu_count(), "gpu": None, "gpu_memory_gb": None,
-        "gpu_capability": None, "gpu_count": 0, "driver": None,
-    }
+def _tail(path: str) -> str:
     try:
-        import ray  # only to say whether the Ray Tune packing ran
+        with open(path, errors="replace") as f:
+            lines = f.read().strip().splitlines()
+    except OSError:
+        return ""
+    return next((line for line in reversed(lines) if line.strip()), "")[:300]
 
-        info["ray"] = ray.__version__
+
+def trial_processes(children: Children, specs: list[dict[str, Any]], folder: str, timeout: float,
+                    env: dict[str, str], slots: float = 1.0, barrier: bool = False,
+                    sampler: Optional["MemorySampler"] = None, left: Optional[Callable[[], float]] = None,
+                    held: Callable[[], Any] = contextlib.nullcontext) -> Iterator[dict[str, Any]]:
+    """Each spec's trial in a process of its own, started whenever its share fits in what the
+    running ones leave of `slots` GPUs; with `barrier`, all at once, training from one signal
+    given when all are ready. Yields each trial's result as it ends (its `index` in `specs`),
+    with the process's peak GPU memory as NVML saw it (`gpu_peak_mb`). A trial that fails or
+    runs past `timeout` gives {"error"}; one stopped because `left()` (the budget) ran out
+    gives {"cut"}. `held` guards each start (Signals.held: an interrupt never loses a child)."""
+    from gpu_throughput import read_rows  # torch: the check imports it once the mode is known
+
+    os.makedirs(folder, exist_ok=True)
+    go = os.path.join(folder, "go")
+    pending = list(enumerate(specs))
+    running: dict[int, dict[str, Any]] = {}
+    while pending or running:
+        used = sum(r["spec"]["share"] for r in running.values())
+        for i, spec in list(pending):
+            if not barrier and running and used + spec["share"] > slots + 1e-9:
+                continue
+            spec = dict(spec, index=i)
+            if barrier:
+                spec.update(ready=os.path.join(folder, f"ready-{i}"), go=go, go_timeout=timeout)
+            result = os.path.join(folder, f"result-{i}.jsonl")
+            path = os.path.join(folder, f"spec-{i}.json")
+            with open(path, "w") as f:
+                json.dump({"call": "trials", "args": {"specs": [spec]}, "result": result}, f)
+            budget = left() if left else math.inf
+            limit = min(timeout, max(budget, 1.0))
+            with held():
+                proc = children.start(worker_command(path), os.path.join(folder, f"trial-{i}.log"), env)
+            running[i] = dict(spec=spec, proc=proc, deadline=time.monotonic() + limit, limit=limit,
+                              cut=budget < timeout, result=result, log=os.path.join(folder, f"trial-{i}.log"))
+            pending.remove((i, specs[i]))
+            used += spec["share"]
+        if barrier and not os.path.exists(go) and all(os.path.exists(r["spec"]["ready"])
+                                                      for r in running.values()):
+            with open(go, "w"):
+                pass
+        time.sleep(0.1)
+        for i, r in list(running.items()):
+            proc = r["proc"]
+            if children.exited(proc):
+                rows = read_rows(r["result"])
+                row = rows[-1] if rows else {"error": f"exit {proc.returncode}: {_tail(r['log'])}"}
+            elif time.monotonic() > r["deadline"]:
+                children.kill(proc)
+                row = ({"cut": f"stopped after {r['limit']:.0f} s: the budget ran out"} if r["cut"]
+                       else {"error": f"ran past {r['limit']:.0f} s and was stopped"})
+            else:
+                continue
+            del running[i]
+            spec = r["spec"]
+            row.update(index=i, pid=proc.pid)
+            row.setdefault("model", spec["config"]["model"])
+            row.setdefault("method", _method(spec["config"]))
+            row.setdefault("share", spec["share"])
+            if sampler is not None:
+                row["gpu_peak_mb"] = sampler.peak_mb(proc.pid)
+                if sampler.total_mb:
+                    row["gpu_share_mb"] = spec["share"] * sampler.total_mb if spec["share"] else None
+            yield row
+
+
+def _method(config: dict[str, Any]) -> str:
+    from iterand_tune.config import TrialConfig  # torch-free, but only trials need it
+
+    return TrialConfig.from_dict(config).method
+
+
+# ----------------------------------------------------------------------------- NVML
+
+
+def open_nvml() -> tuple[Any, Any, str]:
+    """(pynvml, handle of the GPU torch calls cuda:0, "") or (None, None, why not)."""
+    try:
+        import pynvml  # nvidia-ml-py: what a CUDA driver's NVML says, per process
     except ImportError:
-        info["ray"] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 1e9, 1),
-                    gpu_capability=f"{props.major}.{props.minor}", gpu_count=torch.cuda.device_count())
+        return None, None, "pynvml (nvidia-ml-py) is not importable"
+    try:
+        pynvml.nvmlInit()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+        if visible.startswith(("GPU-", "MIG-")):
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByUUID(visible)
+            except Exception:  # noqa: BLE001 - older bindings take bytes
+                handle = pynvml.nvmlDeviceGetHandleByUUID(visible.encode())
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
+    except Exception as err:  # noqa: BLE001 - NVMLError and its many subclasses
+        return None, None, f"NVML did not start: {err}"
+    return pynvml, handle, ""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def gpu_facts(nvml: Any, handle: Any) -> dict[str, Any]:
+    """The GPU as NVML sees it: name, memory (MB), compute capability, driver, compute mode."""
+    facts: dict[str, Any] = {}
+    for key, read in (("gpu", lambda: _text(nvml.nvmlDeviceGetName(handle))),
+                      ("gpu_memory_mb", lambda: round(nvml.nvmlDeviceGetMemoryInfo(handle).total / 2**20)),
+                      ("gpu_capability", lambda: "%d.%d" % nvml.nvmlDeviceGetCudaComputeCapability(handle)),
+                      ("driver", lambda: _text(nvml.nvmlSystemGetDriverVersion())),
+                      ("compute_mode", lambda: COMPUTE_MODES.get(nvml.nvmlDeviceGetComputeMode(handle),
+                                                                   "unknown"))):
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20)
-            info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-        except (OSError, subprocess.SubprocessError):
-            pass
-    else:
-        info["gpu"] = f"none (CPU: {platform.processor() or platform.machine()})"
-    return info
+            facts[key] = read()
+        except Exception:  # noqa: BLE001 - a field this driver does not report stays out
+            facts[key] = None
+    return facts
+
+
+def mps_state(proc: str = "/proc", pipe_dir: Optional[str] = None) -> tuple[bool, str]:
+    """(MPS active?, how it was told): its control daemon or server among this machine's
+    processes, or its control pipe (CUDA_MPS_PIPE_DIRECTORY, default /tmp/nvidia-mps), which a
+    container sees when the daemon runs outside it."""
+    try:
+        entries = [e for e in os.listdir(proc) if e.isdigit()]
+    except OSError:
+        entries = []
+    for entry in entries:
+        try:
+            with open(os.path.join(proc, entry, "comm")) as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name.startswith("nvidia-cuda-mps"):
+            return True, f"{name} runs (pid {entry})"
+    pipe_dir = pipe_dir or os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps"
+    if os.path.exists(os.path.join(pipe_dir, "control")):
+        return True, f"its control pipe is in {pipe_dir}"
+    return False, f"no nvidia-cuda-mps-control or -server process, no control pipe in {pipe_dir}"
+
+
+def packing_blocked(compute_mode: Optional[str], mps: bool) -> Optional[str]:
+    """Why trial processes cannot share this GPU (one line, with what to change), or None."""
+    if compute_mode == "PROHIBITED":
+        return ("the GPU's compute mode is PROHIBITED: no process may use it; `nvidia-smi -c DEFAULT` "
+                "(as root) allows it")
+    if compute_mode in ("EXCLUSIVE_PROCESS", "EXCLUSIVE_THREAD") and not mps:
+        return (f"the GPU's compute mode is {compute_mode}: one process at a time, so trials cannot "
+                "share it; `nvidia-smi -c DEFAULT` (as root) lets them, or start MPS "
+                "(`nvidia-cuda-mps-control -d`), whose server is then the one process")
+    return None
+
+
+def nvidia_smi() -> dict[str, Any]:
+    """Driver and compute mode from nvidia-smi, where NVML's Python binding is missing."""
+    try:
+        query = ["nvidia-smi", "--query-gpu=driver_version,compute_mode", "--format=csv,noheader"]
+        out = subprocess.run(query, capture_output=True, text=True, timeout=20)
+        driver, mode = [x.strip() for x in out.stdout.splitlines()[0].split(",")]
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return {}
+    return {"driver": driver, "compute_mode": mode.upper().replace(" ", "_")}
+
+
+class MemorySampler:
+    """Polls NVML's list of processes running on the GPU and keeps each one's peak memory, CUDA
+    context included: what a trial really takes of the card, which no cap inside the process
+    bounds. A thread polls every `interval` seconds; `sample()` polls once."""
+
+    def __init__(self, nvml: Any, handle: Any, total_mb: Optional[float] = None,
+                 interval: float = 0.2) -> None:
+        self.nvml, self.handle, self.total_mb, self.interval = nvml, handle, total_mb, interval
+        self.peaks: dict[int, float] = {}
+        self.seen: dict[int, tuple[float, float]] = {}  # pid -> (first, last) monotonic time
+        self.unreported: set[int] = set()  # NVML lists them without their memory (e.g. MIG)
+        self.error: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def sample(self) -> None:
+        try:
+            procs = list(self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle))
+        except Exception as err:  # noqa: BLE001 - NVMLError: said once in the report
+            self.error = self.error or f"NVML's process list failed: {err}"
+            return
+        t = time.monotonic()
+        for p in procs:
+            pid, used = int(p.pid), getattr(p, "usedGpuMemory", None)
+            first, _ = self.seen.get(pid, (t, t))
+            self.seen[pid] = (first, t)
+            if used is None:
+                self.unreported.add(pid)
+            else:
+                self.peaks[pid] = max(self.peaks.get(pid, 0.0), used / 2**20)
+
+    def peak_mb(self, pid: int) -> Optional[float]:
+        return self.peaks.get(pid)
+
+    def others(self, known: set[int], since: float) -> dict[int, float]:
+        """Peaks of processes seen since `since` that are none of `known` (another job, or
+        process ids of another PID namespace: NVML reports the host's in a container)."""
+        return {pid: mb for pid, mb in self.peaks.items() if pid not in known and self.seen[pid][1] >= since}
+
+    def start(self) -> "MemorySampler":
+        def loop() -> None:
+            while not self._stop.wait(self.interval):
+                self.sample()
+
+        self._thread = threading.Thread(target=loop, name="nvml-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+
+def judge_memory(trials: list[dict[str, Any]], others: dict[int, float]) -> None:
+    """Mark each trial `within_share` (its NVML peak <= its share of the card's memory). Trials
+    whose process NVML did not list under its id are judged by the processes it listed instead
+    (`others`, seen while they ran), against the largest share among them."""
+    for t in trials:
+        if t.get("gpu_peak_mb") is not None and t.get("gpu_share_mb"):
+            t["within_share"] = t["gpu_peak_mb"] <= t["gpu_share_mb"]
+    unmatched = [t for t in trials if t.get("gpu_peak_mb") is None and t.get("gpu_share_mb")]
+    if unmatched and others:
+        limit = max(t["gpu_share_mb"] for t in unmatched)
+        worst = max(others.values())
+        for t in unmatched:
+            t.update(gpu_peak_unmatched_mb=worst, within_share=worst <= limit)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def compile_prerequisites(device_type: str, find_spec: Callable[[str], Any] = importlib.util.find_spec,
+                          which: Callable[[str], Optional[str]] = shutil.which,
+                          include: Optional[str] = None) -> list[str]:
+    """What torch.compile (Inductor) needs here and is missing, one reason each: Triton for GPU
+    kernels, a C compiler for Triton's launchers (C++ for CPU kernels), Python's headers."""
+    missing = []
+    if device_type == "cuda" and find_spec("triton") is None:
+        missing.append("Triton is not importable: Inductor writes its GPU kernels in Triton "
+                       "(torch's CUDA wheels depend on the `triton` package)")
+    cpu = device_type == "cpu"
+    compilers = ("c++", "g++", "clang++") if cpu else ("cc", "gcc", "clang")
+    chosen = os.environ.get("CXX" if cpu else "CC")
+    if not (chosen and which(chosen)) and not any(which(c) for c in compilers):
+        uses = "Inductor compiles its CPU kernels" if cpu else "Triton compiles a launcher for its kernels"
+        missing.append(f"no {'C++' if cpu else 'C'} compiler ({', '.join(compilers)}) on PATH: {uses} "
+                       "with it (install gcc)")
+    include = include or sysconfig.get_paths()["include"]
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        version = "%d.%d" % sys.version_info[:2]
+        missing.append(f"no Python headers ({os.path.join(include, 'Python.h')}): the compiled launchers "
+                       f"include them (install the python{version}-dev package)")
+    return missing
 
 
 # ----------------------------------------------------------------------------- 1. CUDA tests
@@ -158,610 +534,767 @@ def parse_junit(path: str) -> list[dict[str, Any]]:
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
                 outcome = {"failure": "failed"}.get(child.tag, child.tag)
-                message = (child.get("message") or child.text or "").strip().splitlines()[0:1]
-                message = message[0] if message else ""
+                lines = (child.get("message") or child.text or "").strip().splitlines()
+                message = lines[0] if lines else ""
                 break
         cases.append(dict(name=f"{case.get('classname', '')}::{case.get('name')}".lstrip(":"),
                           outcome=outcome, seconds=float(case.get("time") or 0.0), message=message[:300]))
     return cases
 
 
-def run_cuda_tests(out: str, timeout: float) -> dict[str, Any]:
-    """`pytest -m cuda tests/test_cuda.py` in a subprocess; its cases and counts."""
-    xml = os.path.join(out, "cuda-tests.xml")
-    log = os.path.join(out, "cuda-tests.log")
-    if os.path.exists(xml):
-        os.remove(xml)
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
-           f"--junitxml={xml}", "-o", "junit_family=xunit2", os.path.join("tests", "test_cuda.py")]
-    start = time.perf_counter()
-    result: dict[str, Any] = {"command": " ".join(cmd[2:]), "log": os.path.basename(log)}
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-        text, result["returncode"] = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as err:
-        text = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
-        result["returncode"] = None
-        result["problem"] = f"the tests did not finish within {timeout:.0f} s"
-    result["seconds"] = time.perf_counter() - start
-    with open(log, "w") as f:
-        f.write(text)
-    cases = parse_junit(xml) if os.path.exists(xml) else []
-    if not cases and "problem" not in result:
-        result["problem"] = "no test results (see the log): " + (text.strip().splitlines() or [""])[-1][:200]
-    result["cases"] = cases
-    for outcome, key in (("passed", "passed"), ("failed", "failed"), ("error", "errors"), ("skipped", "skipped")):
-        result[key] = sum(c["outcome"] == outcome for c in cases)
-    return result
+_VERBOSE = re.compile(r"^(?P<file>\S+?\.py)::(?P<name>\S+) "
+                      r"(?P<outcome>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)"
+                      r"(?: \((?P<message>.*?)\))?\s*(?:\[\s*\d+%\])?\s*$")
 
 
-# ----------------------------------------------------------------------------- 2. throughput
+def parse_pytest_log(text: str) -> tuple[list[dict[str, Any]], Optional[str]]:
+    """The cases `pytest -v` has reported so far, and the one it was running (None if none):
+    what is known of a test run stopped before it wrote its JUnit XML."""
+    cases, running = [], None
+    for line in text.splitlines():
+        m = _VERBOSE.match(line.strip())
+        if m:
+            outcome = {"PASSED": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped",
+                       "XFAIL": "skipped", "XPASS": "passed"}[m.group("outcome")]
+            module = m.group("file")[:-3].replace("/", ".")
+            cases.append(dict(name=f"{module}::{m.group('name')}", outcome=outcome, seconds=None,
+                              message=(m.group("message") or "")[:300]))
+            running = None
+        elif re.match(r"^\S+\.py::\S+\s*$", line.strip()):
+            running = line.strip()
+    return cases, running
 
 
-def throughput(plan: dict[str, Any], device: torch.device, budget: Any, compile_rows: bool,
-               ref_rates: dict[str, float]) -> list[dict[str, Any]]:
-    """Rows of gpu_throughput's part (a): the reference and our pipeline with each option."""
-    import gpu_throughput as gt
-
-    rows: list[dict[str, Any]] = []
-    variants = gt.COMPILE_VARIANTS if compile_rows else gt.VARIANTS
-    models = [plan["target_a"]] if compile_rows else plan["models_a"]
-    say(f"{gt.A_HEAD}\n{'-' * len(gt.A_HEAD)}")
-    gt.part_a(models, variants, ref_rates, plan["batch"], plan["steps"], plan["warmup"], device,
-              budget, plan["max_train"], rows=rows)
-    gt.reset_memory(device)  # release what these pipelines cached before trials share the GPU
-    return rows
+# ----------------------------------------------------------------------------- the check
 
 
-# ----------------------------------------------------------------------------- 3. step overhead
+class Skip(Exception):
+    """A part that cannot run here, with the one line saying why."""
 
 
-def step_overhead(model: str, batch: int, repeats: int, block: int, device: torch.device,
-                  warmup: int = 5) -> dict[str, Any]:
-    """The edge-popup training step against the dense step of the same network, as
-    benchmarks/step_overhead.py measures it on CPU: the dense network is built from plain nn
-    layers (`create_model(..., layers=PlainLayers)`) and trains every weight by SGD, the masked
-    one trains only the scores (p of the paper's figure 2). Blocks of `block` steps of the two
-    alternate, `repeats` times; medians."""
-    import gpu_throughput as gt
-    from step_overhead import PlainLayers, make_step
+class Check:
+    """One run of the check: its plan, budget, children and report."""
 
-    from iterand_tune.config import TrialConfig
-    from iterand_tune.models import create_model
+    def __init__(self, args: argparse.Namespace, mode: str, signals: Signals) -> None:
+        self.args, self.mode, self.signals = args, mode, signals
+        self.plan = PLANS[mode]
+        self.out = args.out
+        self.budget_s = args.budget_s
+        self.run_id = uuid.uuid4().hex
+        self.children = Children()
+        self.sampler: Optional[MemorySampler] = None
+        self.scratch = tempfile.mkdtemp(prefix="gpu_check_")
+        self.logs = os.path.join(self.out, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.part: Optional[str] = None
+        self.report: dict[str, Any] = dict(
+            schema=2, state="running", mode=mode, created=now_iso(), updated=None, elapsed_s=0.0,
+            budget_s=self.budget_s, command=" ".join([os.path.relpath(THIS, ROOT), *sys.argv[1:]]),
+            environment={}, plan=self.plan, failures=[], targets=[],
+            parts={name: {"state": "pending", "rows": []} for name in PARTS},
+            shares={"proposed": [], "written": None})
 
-    if device.type == "cuda":  # the trials' defaults
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    torch.manual_seed(0)
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    cfg = TrialConfig(model=model, train_mode="score_only", conv_sparsity=gt.sparsity_of(model),
-                      bn_affine=False)
-    masked = create_model(model, cfg).to(device)
-    for name, p in masked.named_parameters():
-        p.requires_grad_(name.endswith("scores"))
-    dense = create_model(model, layers=PlainLayers(bn_affine=False)).to(device)
-    steps = {"masked": make_step(masked, [p for p in masked.parameters() if p.requires_grad], x, y),
-             "dense": make_step(dense, list(dense.parameters()), x, y)}
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {"masked": [], "dense": []}
-    for i in range(repeats):  # alternate, so that drifts in clock speed hit both alike
-        for name in (("masked", "dense") if i % 2 else ("dense", "masked")):
-            times[name].append(gt.timed(steps[name], block, 0, device) * 1e3 / block)
-    d, m = statistics.median(times["dense"]), statistics.median(times["masked"])
-    return dict(model=model, batch=batch, dense_ms=d, masked_ms=m, ratio=m / d,
-                paired=statistics.median(a / b for a, b in zip(times["masked"], times["dense"])),
-                repeats=repeats, block=block)
+    # --------------------------------------------------------------- time and children
 
+    def elapsed(self) -> float:
+        return time.monotonic() - START
 
-# ----------------------------------------------------------------------------- trials
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
 
+    def env(self, **extra: str) -> dict[str, str]:
+        return child_env(self.run_id, **extra)
 
-def trial_config(model: str, method: str, plan: dict[str, Any], epochs: int, iters: Optional[int],
-                 device: torch.device, eval_iters: Optional[int]) -> dict[str, Any]:
-    """TrialConfig values of a synthetic CIFAR-10 trial of `method` (the paper's figure 2 values:
-    p 0.5 for Conv6, 0.6 for ResNet18; K_per 300, r 0.1)."""
-    from iterand_tune.config import METHODS
+    def follow(self, cmd: list[str], log: str, label: str, timeout: float,
+               read: Callable[[], list[dict[str, Any]]], env: Optional[dict[str, str]] = None,
+               for_time: bool = False) -> Iterator[dict[str, Any]]:
+        """Start `cmd` as a child and yield each row `read()` gives beyond those yielded before,
+        with the child's NVML peak so far, until it ends; past `timeout` it is killed and a last
+        row says so: an error, or a cut when the budget (or `for_time`: a timeout shortened to
+        keep the budget) set the limit. Returns (the child, whether it was stopped)."""
+        limit = min(timeout, max(self.left(), 1.0))
+        cut = for_time or self.left() < timeout
+        with self.signals.held():
+            proc = self.children.start(cmd, log, env or self.env())
+        deadline, seen = time.monotonic() + limit, 0
+        while True:
+            ended = self.children.exited(proc)
+            rows = read()
+            for row in rows[seen:]:
+                if self.sampler is not None:
+                    row["gpu_peak_mb"] = self.sampler.peak_mb(proc.pid)
+                yield row
+            seen = len(rows)
+            if ended:
+                return proc, False
+            if time.monotonic() > deadline:
+                self.children.kill(proc)
+                yield ({"cut": f"{label}: stopped after {limit:.0f} s, the budget ran out"} if cut
+                       else {"error": f"{label}: ran past {limit:.0f} s and was stopped"})
+                return proc, True
+            time.sleep(0.2)
 
-    import gpu_throughput as gt
+    def worker(self, call: str, args: dict[str, Any], label: str, timeout: float,
+               env: Optional[dict[str, str]] = None, for_time: bool = False) -> Iterator[dict[str, Any]]:
+        """One child running gpu_throughput.CALLS[call], its rows as it emits them."""
+        from gpu_throughput import read_rows  # torch: imported once the mode is known
 
-    values = dict(METHODS[method], model=model, dataset="synthetic_cifar10", epochs=epochs,
-                  batch_size=plan["batch"], batch_size_eval=plan["batch_eval"],
-                  max_train_dataset_size=plan["max_train"], debug_max_iters=iters,
-                  debug_max_eval_iters=eval_iters, evaluate_test=False,
-                  use_cuda=device.type == "cuda", lr=0.1, weight_decay=5e-4)
-    if method != "sgd":
-        values["conv_sparsity"] = gt.sparsity_of(model)
-    return values
+        result, spec = (os.path.join(self.scratch, f"{label}.{ext}") for ext in ("jsonl", "json"))
+        with open(spec, "w") as f:
+            json.dump({"call": call, "args": args, "result": result}, f)
+        log = os.path.join(self.logs, f"{label}.log")
+        proc, stopped = yield from self.follow(worker_command(spec), log, label, timeout,
+                                               lambda: read_rows(result), env, for_time)
+        if not stopped and proc.returncode != 0 and not any("error" in r for r in read_rows(result)):
+            yield {"error": f"{label}: exit {proc.returncode}: {_tail(log)}"}
 
+    def note(self, text: str) -> None:
+        self.report["parts"][self.part].setdefault("notes", []).append(text)
+        say(f"  {text}")
 
-def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
-    """One trial as a Ray Tune trial runs it (claim_resources at its share, the Trainer, a
-    checkpoint after every epoch), measured: the epochs' metrics, a timed checkpoint per epoch,
-    a timed evaluation alone, memory against the cap."""
-    from iterand_tune.config import TrialConfig
-    from iterand_tune.trial_setup import claim_resources
-    from iterand_tune.training import Trainer
+    # --------------------------------------------------------------- the report
 
-    started = time.time()
-    share = float(spec["share"])
-    device, _ = claim_resources(1, share if spec["device"] == "cuda" else 0.0)
-    if spec["device"] == "cuda" and device != "cuda":
-        raise RuntimeError("this trial was to run on the GPU, but CUDA is not available here")
-    cap_mb = total_mb = None
-    if device == "cuda":
-        total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
-        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-        if share >= 1:
-            fraction = 1.0
-        elif get_fraction is not None:
-            fraction = get_fraction(0)
-        else:  # an older torch: claim_resources' own rule with its default 1 GiB reserve
-            fraction = max(0.5 * share, (share * total_mb - 1024) / total_mb)
-        cap_mb = total_mb * fraction
-    cfg = TrialConfig.from_dict(spec["config"])
-    trainer = Trainer(cfg, device=device)
-    ready = time.time()
-    epochs, checkpoints = [], []
-    with tempfile.TemporaryDirectory() as folder:
-        while not trainer.done:
-            metrics = trainer.train_epoch()
-            metrics["batch_size"] = cfg.batch_size
-            t0 = time.perf_counter()
-            trainer.save(os.path.join(folder, "trainer.pt"))  # what the trainable does every epoch
-            checkpoints.append(time.perf_counter() - t0)
-            epochs.append(metrics)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    trainer.evaluate("val")  # evaluation alone: splits an epoch into training and evaluation
-    sync()
-    eval_s = time.perf_counter() - t0
-    last = epochs[-1]
-    iters = last["iterations"] - (epochs[-2]["iterations"] if len(epochs) > 1 else 0)
-    full_iters = len(trainer.loaders.train)  # an epoch without debug_max_iters (352 on CIFAR-10)
-    train_s = max(last["epoch_seconds"] - eval_s, 0.0)
-    full_epoch_s = train_s * full_iters / max(iters, 1) + eval_s
-    peak = max((m.get("peak_gpu_memory_mb") or 0.0) for m in epochs) if device == "cuda" else None
-    held = max((m.get("peak_gpu_reserved_mb") or 0.0) for m in epochs) if device == "cuda" else None
-    return dict(
-        model=cfg.model, method=cfg.method, share=share, device=device, started=started,
-        startup_s=ready - started, epochs=epochs, epoch_seconds=[m["epoch_seconds"] for m in epochs],
-        iterations_per_epoch=iters, full_epoch_iterations=full_iters, eval_s=eval_s,
-        full_epoch_s_est=full_epoch_s, checkpoint_s=statistics.median(checkpoints),
-        checkpoint_share=statistics.median(checkpoints) / full_epoch_s if full_epoch_s else None,
-        peak_allocated_mb=peak, peak_reserved_mb=held, cap_mb=cap_mb, total_mb=total_mb,
-        within_cap=None if cap_mb is None or held is None else held <= cap_mb + 1e-6)
+    def write(self) -> None:
+        """report.json and report.md as they stand (atomically: a kill leaves the last whole one)."""
+        r = self.report
+        r.update(updated=now_iso(), elapsed_s=round(self.elapsed(), 1))
+        r["targets"] = targets(r)
+        if self.sampler is not None and self.sampler.error:
+            r["environment"]["nvml_error"] = self.sampler.error
+        with self.signals.held():
+            _write_atomically(os.path.join(self.out, "report.json"), json.dumps(r, indent=1, default=str))
+            _write_atomically(os.path.join(self.out, "report.md"), markdown(r))
 
+    def fail(self, what: str, error: str) -> None:
+        self.report["failures"].append(dict(part=self.part, what=what, error=error))
 
-def worker_main(spec_path: str) -> int:
-    """`gpu_check.py --worker FILE.json`: run one trial and write its result to spec["result"]."""
-    with open(spec_path) as f:
-        spec = json.load(f)
-    try:
-        result = run_trial(spec)
-        rc = 0
-    except BaseException as err:  # noqa: BLE001 - the parent reports it
-        result, rc = {"error": _error(err), "traceback": traceback.format_exc()[-3000:]}, 1
-    with open(spec["result"], "w") as f:
-        json.dump(result, f)
-    return rc
+    # --------------------------------------------------------------- running
 
+    def run(self) -> int:
+        code = 0
+        try:
+            self.write()  # from the first second on, a report: every part pending
+            self.report["environment"] = environment(self)
+            env = self.report["environment"]
+            say(f"gpu_check: {env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, "
+                f"{env['cpu_count']} CPU cores"
+                + ("" if self.mode == "cuda" else " (tiny CPU version: the numbers say nothing about a GPU)"))
+            self.write()
+            for name in PARTS:
+                self.run_part(name)
+            self.report["state"] = "finished"
+        except Interrupted as stop:
+            self.report.update(state="interrupted", interrupted_by=str(stop))
+            code = 128 + stop.signum
+        finally:
+            self.signals.closing = True  # cleaning up: a second signal must not cut it short
+            self.children.kill_all()
+            if self.sampler is not None:
+                self.sampler.stop()
+            if self.part is not None:
+                part = self.report["parts"][self.part]
+                part.update(state="interrupted", why=self.report.get("interrupted_by") or "stopped")
+            self.write()
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        failed = bool(self.report["failures"])
+        say(f"\nreport: {os.path.join(self.out, 'report.md')} and report.json "
+            f"({self.report['state']}, {self.elapsed():.0f} s)")
+        for t in self.report["targets"]:
+            missed = "  NOT MET" if t["met"] is False else ""
+            say(f"  {t['name']}: {t['shown']} (target {t['target']}){missed}")
+        for f in self.report["failures"]:
+            say(f"  FAILED {f['part']}: {f['what']}: {f['error']}")
+        return code or (EXIT_FAILED if failed else 0)
 
-def run_processes(specs: list[dict[str, Any]], folder: str, timeout: float,
-                  slots: float = 1.0, max_running: Optional[int] = None) -> list[dict[str, Any]]:
-    """Run every spec as a `--worker` process, starting one whenever its share fits in what the
-    running ones leave of `slots` GPUs (first fit, in order; shares of 0 limited by
-    `max_running`). Results in spec order; a process that failed or ran past `timeout` gives
-    {"error": ...}."""
-    pending = list(enumerate(specs))
-    running: list[tuple[int, dict[str, Any], subprocess.Popen, float]] = []
-    results: dict[int, dict[str, Any]] = {}
-    while pending or running:
-        used = sum(s["share"] for _, s, _, _ in running)
-        for item in list(pending):
-            i, spec = item
-            if max_running is not None and len(running) >= max_running:
-                break
-            if used + spec["share"] > slots + 1e-9 and running:
-                continue
-            spec = dict(spec, result=os.path.join(folder, f"result-{i}.json"))
-            path = os.path.join(folder, f"spec-{i}.json")
-            with open(path, "w") as f:
-                json.dump(spec, f)
-            log = open(os.path.join(folder, f"trial-{i}.log"), "w")
-            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", path],
-                                    cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-            log.close()
-            running.append((i, spec, proc, time.perf_counter()))
-            pending.remove(item)
-            used += spec["share"]
-        time.sleep(0.2)
-        for entry in list(running):
-            i, spec, proc, t0 = entry
-            if proc.poll() is None and time.perf_counter() - t0 < timeout:
-                continue
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-                results[i] = {"error": f"ran past {timeout:.0f} s and was stopped"}
-            else:
-                try:
-                    with open(spec["result"]) as f:
-                        results[i] = json.load(f)
-                except (OSError, json.JSONDecodeError):
-                    with open(os.path.join(folder, f"trial-{i}.log")) as f:
-                        tail = f.read().strip().splitlines()[-1:] or [""]
-                    results[i] = {"error": f"exit {proc.returncode}: {tail[0][:300]}"}
-            running.remove(entry)
-    return [results[i] for i in range(len(specs))]
+    def run_part(self, name: str) -> None:
+        part = self.report["parts"][name]
+        if name in self.args.skip:
+            part.update(state="skipped", why="--skip")
+            self.write()
+            return
+        if self.left() < NEEDS[name]:
+            part.update(state="skipped", why=f"time: it needs about {NEEDS[name]} s, "
+                                              f"{max(self.left(), 0):.0f} s of the budget were left")
+            say(f"{name}: skipped for time")
+            self.write()
+            return
+        from gpu_throughput import error_row  # torch: imported once the mode is known
 
-
-# ----------------------------------------------------------------------------- 4. packing
+        self.part = name
+        part.update(state="running", started_s=round(self.elapsed(), 1))
+        say(f"\n== {name} ({self.elapsed():.0f} s in)")
+        self.write()
+        t0 = time.monotonic()
+        try:
+            for row in PART_FUNCTIONS[name](self):
+                part["rows"].append(row)
+                if "error" in row or row.get("outcome") in ("failed", "error"):
+                    error = row.get("error") or row.get("message") or row["outcome"]
+                    self.fail(_row_label(row), error)
+                    say(f"  failed: {_row_label(row)}: {error}")
+                if "cut" in row:
+                    part["cut"] = True
+                    say(f"  {row['cut']}")
+                self.write()
+            state = "cut" if part.get("cut") else "done"
+            if any("error" in r for r in part["rows"]) or any(r.get("outcome") in ("failed", "error")
+                                                                for r in part["rows"]):
+                state = "failed"
+            part["state"] = state
+        except Skip as why:
+            part.update(state="skipped", why=str(why))
+            say(f"{name}: skipped: {why}")
+        except Exception as err:  # noqa: BLE001 - recorded; the other parts still run
+            got = error_row(err)
+            part.update(state="failed", error=got["error"], traceback=got["traceback"])
+            self.fail(name, got["error"])
+            say(f"{name}: failed: {got['error']}")
+        finally:
+            part["seconds"] = round(time.monotonic() - t0, 1)
+        self.part = None
+        self.write()
 
 
-def packing(plan: dict[str, Any], device: torch.device, folder: str) -> list[dict[str, Any]]:
-    """k edge-popup trial processes at once at 1/k of the GPU each, for every k of the plan."""
-    import gpu_throughput as gt
+def _row_label(row: dict[str, Any]) -> str:
+    if "name" in row:
+        return row["name"]
+    bits = [str(row[k]) for k in ("model", "method", "pipeline") if row.get(k)]
+    if row.get("k"):
+        bits.append(f"k={row['k']}")
+    return " ".join(bits) or "a child process"
 
-    rows = []
-    for k in plan["packing_ks"]:
-        share = 1.0 / k
-        config = trial_config(plan["packing_model"], "edgepopup", plan, plan["packing_epochs"],
-                              plan["packing_iters"], device, eval_iters=1)
-        specs = [dict(config=dict(config, seed=seed), share=share if device.type == "cuda" else 0.0,
-                      device=device.type) for seed in range(1, k + 1)]
-        sub = os.path.join(folder, f"packing-k{k}")
-        os.makedirs(sub, exist_ok=True)
-        results = run_processes(specs, sub, plan["trial_timeout"], max_running=k)
-        errors = [r["error"] for r in results if "error" in r]
-        if errors:
-            rows.append(dict(k=k, share=share, error=errors[0], trials=results))
-            say(f"packing k={k}: failed: {errors[0]}")
+
+# ----------------------------------------------------------------------------- environment
+
+
+def environment(check: Check) -> dict[str, Any]:
+    """What the figures were measured on; starts NVML's memory sampler on a GPU."""
+    import torch
+
+    info: dict[str, Any] = {
+        "device": check.mode, "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+        "platform": platform.platform(), "hostname": socket.gethostname(), "cpu_count": os.cpu_count(),
+        "gpu": None, "gpu_memory_mb": None, "gpu_capability": None, "gpu_count": 0, "driver": None,
+        "compute_mode": None, "mps": None, "nvml": None,
+        "compile_missing": compile_prerequisites(check.mode)}
+    if check.mode == "cuda":
+        # This process opens no CUDA context (NVML, and without it device properties, need
+        # none): it would show among the trials' processes and hold an exclusive-mode GPU.
+        info["gpu_count"] = torch.cuda.device_count()
+        nvml, handle, why = open_nvml()
+        if nvml is None:
+            props = torch.cuda.get_device_properties(0)
+            info.update(gpu=props.name, gpu_memory_mb=round(props.total_memory / 2**20),
+                        gpu_capability=f"{props.major}.{props.minor}")
+            info["nvml"] = why + ": no per-process GPU memory; compute mode from nvidia-smi"
+            info.update(nvidia_smi())
+        else:
+            info["nvml"] = "per-process GPU memory sampled every 0.2 s"
+            info.update({k: v for k, v in gpu_facts(nvml, handle).items() if v is not None})
+            check.sampler = MemorySampler(nvml, handle, info["gpu_memory_mb"]).start()
+        active, how = mps_state()
+        info["mps"], info["mps_how"] = active, how
+        info["packing_blocked"] = packing_blocked(info["compute_mode"], active)
+    else:
+        info["gpu"] = f"none (CPU: {platform.processor() or platform.machine()})"
+    return info
+
+
+# ----------------------------------------------------------------------------- the parts
+# Each part is a generator of rows: the check appends each to the report as it comes and rewrites
+# the report, so that a kill at any moment keeps every row already measured.
+
+
+def part_tests(check: Check) -> Iterator[dict[str, Any]]:
+    """`pytest -m cuda tests/test_cuda.py` in a child; one row per test case, as they end."""
+    xml = os.path.join(check.out, "cuda-tests.xml")
+    log = os.path.join(check.out, "cuda-tests.log")
+    for path in (xml, log):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    cmd = [sys.executable, THIS, "--exec", sys.executable, "-m", "pytest", "-m", "cuda", "-v",
+           "-p", "no:cacheprovider", f"--junitxml={xml}", "-o", "junit_family=xunit2",
+           os.path.join("tests", "test_cuda.py")]
+    part = check.report["parts"]["tests"]
+    part["command"] = " ".join(cmd[5:])
+
+    def cases() -> list[dict[str, Any]]:
+        with open(log, errors="replace") as f:
+            found, part["running"] = parse_pytest_log(f.read())
+        return found
+
+    proc, stopped = yield from check.follow(cmd, log, "the tests", check.plan["tests_timeout"], cases)
+    if stopped:
+        return
+    if os.path.exists(xml):  # with each case's time and message, the XML replaces the log's rows
+        by_name = {c["name"]: c for c in parse_junit(xml)}
+        for row in part["rows"]:
+            row.update(by_name.pop(row["name"], {}))
+        yield from by_name.values()
+    elif proc.returncode not in (0, 5) or not part["rows"]:  # 5: pytest collected nothing
+        yield {"error": f"pytest exit {proc.returncode}, no results: {_tail(log)}"}
+
+
+def part_compile(check: Check) -> Iterator[dict[str, Any]]:
+    """torch.compile's rows, early in the check: compilation time apart from the steady rate,
+    Inductor's compile workers set to the child's CPUs."""
+    missing = check.report["environment"]["compile_missing"]
+    if missing:
+        raise Skip("torch.compile cannot run here: " + "; ".join(missing))
+    if check.mode != "cuda":
+        raise Skip("on CPU, Inductor's C++ compilation takes minutes; compile is measured on a GPU")
+    cpus = max(1, (os.cpu_count() or 1) // 4)  # what a trial at 1/4 of this machine would get
+    plan = check.plan
+    for model in plan["compile_models"]:
+        # A compilation can take minutes: it may not eat the time the later parts need.
+        if check.left() - plan["compile_reserve_s"] < NEEDS["compile"]:
+            check.note(f"{model}: skipped for time ({check.left():.0f} s left, "
+                       f"{plan['compile_reserve_s']} s of them kept for the later parts)")
             continue
-        total, rates, overlapped = gt.aggregate_rate([r["epochs"] for r in results])
-        rows.append(dict(model=plan["packing_model"], k=k, share=share, aggregate_images_per_s=total,
-                         per_trial_images_per_s=rates, overlapped=overlapped, trials=results))
-    base = next((r["aggregate_images_per_s"] for r in rows if r.get("k") == plan["packing_ks"][0]
-                 and "error" not in r), None)
-    for r in rows:
-        if "error" not in r:
-            r["vs_k1"] = r["aggregate_images_per_s"] / base if base else None
-            say(f"packing {r['model']} k={r['k']}: aggregate {r['aggregate_images_per_s']:.0f} img/s"
-                f" ({_fmt(r['vs_k1'], 2)}x k=1){'' if r['overlapped'] else ' (trials did not overlap)'}")
-    return rows
+        args = dict(model=model, device=check.mode, cpus=cpus, batch=plan["batch"], steps=plan["steps"],
+                    warmup=plan["warmup"], max_train=plan["max_train"])
+        timeout = min(plan["compile_timeout"], check.left() - plan["compile_reserve_s"])
+        yield from check.worker("compile", args, f"compile-{model}", timeout,
+                                check.env(TORCHINDUCTOR_COMPILE_THREADS=str(cpus)),
+                                for_time=timeout < plan["compile_timeout"])
 
 
-def ray_packing(plan: dict[str, Any], device: torch.device, budget: Any) -> dict[str, Any]:
-    """gpu_throughput's part (b): the same packing as real Ray Tune trials."""
-    import gpu_throughput as gt
-
-    rows: list[dict[str, Any]] = []
-    gt.part_b([plan["packing_model"]], plan["packing_ks"], plan["packing_epochs"],
-              plan["packing_iters"] or 0, plan["batch"], device.type == "cuda", budget,
-              plan["max_train"], plan["batch_eval"], rows=rows)
-    return {"rows": rows}
-
-
-# ----------------------------------------------------------------------------- 5. figure 2
+def part_throughput(check: Check) -> Iterator[dict[str, Any]]:
+    """Training images/s: the reference-style pipeline, ours with each runtime option."""
+    plan = check.plan
+    for model in plan["throughput_models"]:
+        if check.left() < NEEDS["throughput"]:
+            check.note(f"{model}: skipped for time ({check.left():.0f} s left)")
+            continue
+        args = dict(model=model, device=check.mode, cpus=os.cpu_count() or 1, batch=plan["batch"],
+                    steps=plan["steps"], warmup=plan["warmup"], max_train=plan["max_train"])
+        yield from check.worker("throughput", args, f"throughput-{model}", 180)
 
 
-def figure2(plan: dict[str, Any], device: torch.device, folder: str) -> list[dict[str, Any]]:
-    """The figure-2-like run: every model x method of the plan, each at its default GPU share,
-    packed on the GPU (processes); on CPU one after another in this process."""
+def part_step(check: Check) -> Iterator[dict[str, Any]]:
+    """Where a step's time goes: masked against dense, the mask selection alone, a re-draw."""
+    plan = check.plan
+    args = dict(models=plan["step_models"], device=check.mode, cpus=os.cpu_count() or 1,
+                batch=128 if check.mode == "cuda" else plan["batch"], repeats=plan["step_repeats"],
+                block=plan["step_block"], warmup=plan["step_warmup"])
+    yield from check.worker("step", args, "step", 120)
+
+
+def part_packing(check: Check) -> Iterator[dict[str, Any]]:
+    """The packing curve: aggregate images/s of k trial processes at 1/k of the GPU each, for
+    every k the memory allows; from it, each model's share (gpu_shares.choose_share)."""
+    from gpu_throughput import aggregate_rate, trial_config
+
+    from iterand_tune import gpu_shares
+
+    blocked = check.report["environment"].get("packing_blocked")
+    if blocked:
+        raise Skip(blocked)
+    plan, gpu = check.plan, check.mode == "cuda"
+    for model in plan["packing_models"]:
+        curve: dict[int, Optional[float]] = {}
+        need_mb, base, last_s = None, None, None
+        for k in plan["packing_ks"]:
+            total_mb = check.report["environment"].get("gpu_memory_mb")
+            if gpu and need_mb and total_mb and k * need_mb > 0.95 * total_mb:
+                check.note(f"{model} k={k}: not run, {k} trials of {need_mb:.0f} MB do not fit in "
+                           f"{total_mb:.0f} MB")
+                break
+            # Doubling k at most doubles how long each trial takes (no gain from sharing).
+            if check.left() < max(NEEDS["packing"], 2 * (last_s or 0)):
+                check.note(f"{model} k={k}: skipped for time ({check.left():.0f} s left)")
+                break
+            if k > (os.cpu_count() or 1):
+                check.note(f"{model} k={k}: more trials than the machine's {os.cpu_count()} cores")
+            share = 1.0 / k
+            config = trial_config(model, "edgepopup", plan, plan["packing_epochs"], plan["packing_iters"],
+                                  check.mode, eval_iters=1)
+            specs = [dict(config=dict(config, seed=s), share=share if gpu else 0.0, device=check.mode)
+                     for s in range(1, k + 1)]
+            t0, since = time.monotonic(), time.monotonic()
+            trials = list(trial_processes(
+                check.children, specs, os.path.join(check.scratch, f"packing-{model}-k{k}"),
+                plan["trial_timeout"], check.env(TORCHINDUCTOR_COMPILE_THREADS="1"), barrier=True,
+                sampler=check.sampler, left=check.left, held=check.signals.held))
+            last_s = time.monotonic() - t0
+            trials.sort(key=lambda t: t["index"])
+            if check.sampler is not None:
+                judge_memory(trials, check.sampler.others({os.getpid(), *check.children.started}, since))
+            row: dict[str, Any] = dict(model=model, k=k, share=share, seconds=round(last_s, 1), trials=trials)
+            bad = [t for t in trials if "error" in t or "cut" in t]
+            if bad:
+                key = "error" if "error" in bad[0] else "cut"
+                row[key] = bad[0][key]
+                curve[k] = None
+                yield row
+                break
+            total, rates, overlapped = aggregate_rate([t["epochs"] for t in trials])
+            base = total if k == 1 else base
+            curve[k] = total
+            row.update(aggregate_images_per_s=total, per_trial_images_per_s=rates, overlapped=overlapped,
+                       vs_k1=total / base if base else None)
+            peaks = [t.get("gpu_peak_mb") or t.get("peak_reserved_mb") for t in trials]
+            need_mb = max([p for p in peaks if p] or [0]) or None
+            say(f"  {model} k={k}: aggregate {total:.0f} img/s ({_fmt(row['vs_k1'], 2)}x k=1)"
+                + ("" if overlapped else " (trials did not overlap)"))
+            yield row
+        if curve.get(1) and sum(r is not None for r in curve.values()) >= 2:
+            proposal = dict(model=model, input=32, share=gpu_shares.choose_share(curve),
+                            images_per_s={str(k): r for k, r in curve.items()})
+            check.report["shares"]["proposed"].append(proposal)
+            write_shares(check, proposal)
+
+
+def write_shares(check: Check, proposal: dict[str, Any]) -> None:
+    """With --write-shares, the measured share goes into the table at once (a later kill keeps
+    it); a CPU run writes only to a path given with it, never to the package's table."""
+    from iterand_tune import gpu_shares
+
+    path = check.args.write_shares
+    if not path:
+        return
+    if check.mode != "cuda" and os.path.abspath(path) == os.path.abspath(gpu_shares.TABLE):
+        check.report["shares"]["why_not_written"] = "a CPU run says nothing about a GPU's shares"
+        return
+    env = check.report["environment"]
+    table = gpu_shares.with_measured(gpu_shares.read_table(path), proposal["model"], proposal["input"],
+                                     {int(k): r for k, r in proposal["images_per_s"].items()},
+                                     env.get("gpu") or "?", datetime.date.today().isoformat(),
+                                     mps=env.get("mps"))
+    gpu_shares.write_table(table, path)
+    check.report["shares"]["written"] = path
+    check.note(f"{proposal['model']}: share {proposal['share']:g} written to {path}")
+
+
+def part_figure2(check: Check) -> Iterator[dict[str, Any]]:
+    """A figure-2-like run: every model x method of the plan at its default GPU share, packed so
+    that the running shares never exceed one GPU; one row per trial as it ends."""
+    from gpu_throughput import trial_config
+
     from iterand_tune.resources import gpu_share
 
+    gpu = check.mode == "cuda"
+    blocked = check.report["environment"].get("packing_blocked")
+    if blocked:
+        raise Skip(blocked)
+    plan = check.plan
     specs = []
     for model in plan["figure2_models"]:
-        share = gpu_share(model, "synthetic_cifar10") if device.type == "cuda" else 0.0
+        share = gpu_share(model, "synthetic_cifar10") if gpu else 0.0
         for method in ("sgd", "edgepopup", "iterand"):
             config = trial_config(model, method, plan, plan["figure2_epochs"], plan["figure2_iters"],
-                                  device, eval_iters=None if device.type == "cuda" else 1)
-            specs.append(dict(config=config, share=share, device=device.type))
-    if device.type == "cuda":
-        results = run_processes(specs, folder, plan["trial_timeout"])
-    else:  # seconds, not the start-up of a process per trial
-        results = []
-        for spec in specs:
-            try:
-                results.append(run_trial(spec))
-            except Exception as err:  # noqa: BLE001 - reported per trial
-                results.append({"error": _error(err)})
-    for spec, r in zip(specs, results):
-        r.setdefault("model", spec["config"]["model"])
-        r.setdefault("share", spec["share"])
-        if "error" not in r:
-            say(f"figure 2 {r['model']:<14}{r['method']:<10} share {r['share']:g}: epochs "
-                f"{', '.join(f'{s:.2f}' for s in r['epoch_seconds'])} s, full epoch about "
-                f"{r['full_epoch_s_est']:.1f} s, checkpoint {r['checkpoint_s']:.3f} s")
-        else:
-            say(f"figure 2 {r['model']}: failed: {r['error']}")
-    return results
+                                  check.mode, eval_iters=None if gpu else 1)
+            specs.append(dict(config=config, share=share, device=check.mode))
+    if not gpu:  # seconds of training: one child for all, not a process start-up per trial
+        yield from check.worker("trials", {"specs": specs}, "figure2", plan["trial_timeout"])
+        return
+    since, trials = time.monotonic(), []
+    for row in trial_processes(check.children, specs, os.path.join(check.scratch, "figure2"),
+                               plan["trial_timeout"], check.env(TORCHINDUCTOR_COMPILE_THREADS="1"),
+                               sampler=check.sampler, left=check.left, held=check.signals.held):
+        trials.append(row)
+        if check.sampler is not None:
+            judge_memory(trials, check.sampler.others({os.getpid(), *check.children.started}, since))
+        if "epoch_seconds" in row:
+            say(f"  {row['model']:<14}{row['method']:<10} share {row['share']:g}: epochs "
+                f"{', '.join(f'{s:.2f}' for s in row['epoch_seconds'])} s, full epoch about "
+                f"{row['full_epoch_s_est']:.1f} s")
+        yield row
+
+
+PART_FUNCTIONS: dict[str, Callable[[Check], Iterator[dict[str, Any]]]] = {
+    "tests": part_tests, "compile": part_compile, "throughput": part_throughput, "step": part_step,
+    "packing": part_packing, "figure2": part_figure2}
 
 
 # ----------------------------------------------------------------------------- targets
 
 
-def targets(report: dict[str, Any], plan: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets, each with what was measured and whether it was met (None: not measured,
-    or measured on CPU, where the GPU targets say nothing)."""
-    gpu = report["mode"] == "cuda"
+def part_rows(report: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return (report.get("parts") or {}).get(name, {}).get("rows") or []
+
+
+def trials_of(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every trial the packing and figure-2 parts ran."""
+    packed = [t for row in part_rows(report, "packing") for t in row.get("trials", [])]
+    return packed + [t for t in part_rows(report, "figure2") if "epochs" in t or "gpu_peak_mb" in t]
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with what was measured and whether it was met (None: not measured, or
+    measured on CPU, where the GPU targets say nothing)."""
+    gpu, plan = report["mode"] == "cuda", report["plan"]
     out = []
 
     def add(name: str, target: str, measured: Optional[float], ok: Optional[bool], shown: str) -> None:
         out.append(dict(name=name, target=target, measured=measured, shown=shown,
                         met=(ok if gpu and measured is not None else None)))
 
-    model = plan["target_a"]
-    row = next((r for r in report.get("throughput") or [] if r["model"] == model
-                and r["pipeline"] == "ours fp32 (defaults)"), None)
-    ratio = row["vs_reference"] if row else None
-    add(f"{model} edge-popup training images/s, ours vs reference-style", ">= 5x", ratio,
-        None if ratio is None else ratio >= 5, _fmt(ratio, 2, "x"))
-    k_last = plan["packing_ks"][-1]
-    pk = next((r for r in report.get("packing") or [] if r.get("k") == k_last and "error" not in r), None)
-    ratio = pk["vs_k1"] if pk else None
-    add(f"aggregate images/s, {k_last} trials at 1/{k_last} GPU vs 1 trial, {plan['packing_model']}",
-        ">= 3x" if k_last == 4 else f">= {0.75 * k_last:g}x", ratio,
-        None if ratio is None else ratio >= (3.0 if k_last == 4 else 0.75 * k_last), _fmt(ratio, 2, "x"))
-    for model, limit in plan["target_overhead"].items():
-        ov = next((r for r in report.get("overhead") or [] if r["model"] == model), None)
-        ratio = ov["ratio"] if ov else None
-        add(f"masked (edge-popup) step vs dense step, {model}, batch {plan['batch']}", f"<= {limit}x",
-            ratio, None if ratio is None else ratio <= limit, _fmt(ratio, 2, "x"))
-    trials = [t for r in report.get("packing") or [] for t in r.get("trials", [])]
-    trials += list(report.get("figure2") or [])
-    capped = [t for t in trials if t.get("cap_mb") and t.get("peak_reserved_mb") is not None]
-    worst = max((t["peak_reserved_mb"] / t["cap_mb"] for t in capped), default=None)
-    add("peak GPU memory reserved of each trial within its cap", "<= 100% of the cap", worst,
-        None if worst is None else worst <= 1.0, _fmt(None if worst is None else 100 * worst, 0, "%"))
-    shares = [t["checkpoint_share"] for t in report.get("figure2") or [] if t.get("checkpoint_share")]
+    model, least = plan["target_throughput"]
+    row = next((r for r in part_rows(report, "throughput") if r.get("model") == model
+                and r.get("pipeline") == "ours fp32 (defaults)"), None)
+    ratio = row.get("vs_reference") if row else None
+    add(f"{model} edge-popup training images/s, ours vs reference-style", f">= {least:g}x", ratio,
+        None if ratio is None else ratio >= least, _fmt(ratio, 2, "x"))
+    model, k, least = plan["target_packing"]
+    row = next((r for r in part_rows(report, "packing") if r.get("model") == model and r.get("k") == k
+                and r.get("vs_k1") is not None), None)
+    ratio = row["vs_k1"] if row else None
+    add(f"aggregate images/s, {k} trials at 1/{k} GPU vs 1 trial, {model}", f">= {least:g}x", ratio,
+        None if ratio is None else ratio >= least, _fmt(ratio, 2, "x"))
+    for model, limit in plan["target_step"].items():
+        row = next((r for r in part_rows(report, "step") if r.get("model") == model and "ratio" in r), None)
+        ratio = row["ratio"] if row else None
+        add(f"masked (edge-popup) step vs dense step, {model}, batch {row['batch'] if row else 128}",
+            f"<= {limit}x", ratio, None if ratio is None else ratio <= limit, _fmt(ratio, 2, "x"))
+    judged = [t for t in trials_of(report) if t.get("within_share") is not None]
+    worst = max(((t.get("gpu_peak_mb") or t.get("gpu_peak_unmatched_mb")) / t["gpu_share_mb"]
+                 for t in judged), default=None)
+    add("GPU memory of each trial (NVML, CUDA context included) within its share of the card",
+        "<= 100% of the share", worst, None if worst is None else all(t["within_share"] for t in judged),
+        _fmt(None if worst is None else 100 * worst, 0, "%"))
+    shares = [t["checkpoint_share"] for t in part_rows(report, "figure2") if t.get("checkpoint_share")]
     worst = max(shares, default=None)
     add("checkpoint (Trainer.save) share of an epoch, worst trial", f"<= {CHECKPOINT_SHARE_LIMIT:.0%}",
         worst, None if worst is None else worst <= CHECKPOINT_SHARE_LIMIT,
         _fmt(None if worst is None else 100 * worst, 1, "%"))
-    tests = report.get("cuda_tests") or {}
-    if tests.get("cases") is not None:
-        bad = tests.get("failed", 0) + tests.get("errors", 0)
-        ran = len(tests.get("cases", []))
-        shown = f"{tests.get('passed', 0)} passed, {bad} failed, {tests.get('skipped', 0)} skipped"
-        if "problem" in tests:
-            shown += f" ({tests['problem']})"
+    cases = [r for r in part_rows(report, "tests") if "outcome" in r]
+    if cases or report["parts"]["tests"]["state"] not in ("pending", "skipped"):
+        bad = sum(c["outcome"] in ("failed", "error") for c in cases)
+        state = report["parts"]["tests"]["state"]
+        count = {o: sum(c["outcome"] == o for c in cases) for o in ("passed", "skipped")}
+        shown = (f"{count['passed']} passed, {bad} failed, {count['skipped']} skipped"
+                 + ("" if state == "done" else f" ({state})"))
         out.append(dict(name="CUDA tests (pytest -m cuda)", target="all pass", measured=bad, shown=shown,
-                        met=(bad == 0 and ran > 0 and "problem" not in tests) if gpu else None))
+                        met=(bad == 0 and bool(cases) and state == "done") if gpu else None))
     return out
 
 
-def _fmt(value: Optional[float], digits: int, unit: str = "") -> str:
-    return "-" if value is None else f"{value:.{digits}f}{unit}"
-
-
-# ----------------------------------------------------------------------------- the report
+# ----------------------------------------------------------------------------- report.md
 
 
 def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
     return lines + [""]
+
+
+def _part_line(part: dict[str, Any]) -> str:
+    state = part["state"]
+    bits = [state] + ([f"{part['seconds']:.0f} s"] if part.get("seconds") is not None else [])
+    if part.get("why"):
+        bits.append(part["why"])
+    if part.get("error"):
+        bits.append(part["error"])
+    return ", ".join(bits)
+
+
+def _most(values: Iterator[Optional[float]], pick: Callable = max) -> Optional[float]:
+    found = [v for v in values if v]
+    return pick(found) if found else None
 
 
 def markdown(report: dict[str, Any]) -> str:
     """report.md: the report's figures as tables, beside the targets."""
-    env = report["environment"]
-    gpu = report["mode"] == "cuda"
-    lines = [f"# GPU check: {env['gpu']}", ""]
-    if not gpu:
+    env, plan = report.get("environment") or {}, report["plan"]
+    lines = [f"# GPU check: {env.get('gpu') or '?'}", ""]
+    if report["mode"] != "cuda":
         lines += ["**CPU run (--allow-cpu): a tiny version of every part, to check the machinery. "
                   "Its numbers say nothing about GPU speed; no target is judged.**", ""]
-    lines += [f"{report['created']}, {report['elapsed_s']:.0f} s of a {report['budget_s']:.0f} s budget.", ""]
-    lines += _table(["", ""], [[k, env.get(k)] for k in (
-        "gpu", "gpu_memory_gb", "gpu_capability", "gpu_count", "driver", "torch", "cuda", "cudnn",
-        "python", "cpu_count", "ray", "hostname")])
-    lines += ["## Targets", ""]
-    lines += _table(["what", "target", "measured", "met"], [
+    by = f" by {report['interrupted_by']}" if report.get("interrupted_by") else ""
+    lines += [f"{report['state'].capitalize()}{by}: {report['elapsed_s']:.0f} s of a "
+              f"{report['budget_s']:.0f} s budget (started {report['created']}, written "
+              f"{report['updated']}). `{report['command']}`", ""]
+    lines += _table(["", ""], [[k, env[k]] for k in (
+        "gpu", "gpu_memory_mb", "gpu_capability", "driver", "compute_mode", "mps", "mps_how", "nvml",
+        "torch", "cuda", "cudnn", "python", "cpu_count", "hostname") if env.get(k) is not None])
+    if env.get("packing_blocked"):
+        lines += [f"**Packing not measured: {env['packing_blocked']}.**", ""]
+    lines += ["## Parts", ""] + _table(["part", "state", "notes"], [
+        [name, _part_line(part), "; ".join(part.get("notes", []))] for name, part in report["parts"].items()])
+    if report["failures"]:
+        lines += ["## Failures", ""]
+        lines += [f"- {f['part']}: {f['what']}: {f['error']}" for f in report["failures"]] + [""]
+    lines += ["## Targets", ""] + _table(["what", "target", "measured", "met"], [
         [t["name"], t["target"], t["shown"], {True: "yes", False: "**no**", None: "-"}[t["met"]]]
         for t in report["targets"]])
-    tests = report.get("cuda_tests")
-    if tests:
-        lines += ["## CUDA tests", "", f"`{tests.get('command')}`: {tests.get('passed', 0)} passed, "
-                  f"{tests.get('failed', 0)} failed, {tests.get('errors', 0)} errors, "
-                  f"{tests.get('skipped', 0)} skipped in {tests.get('seconds', 0):.0f} s"
-                  + (f"; {tests['problem']}" if "problem" in tests else "")
-                  + f" (log: {tests.get('log')}).", ""]
+    part = report["parts"]["tests"]
+    cases = [r for r in part["rows"] if "outcome" in r]
+    if cases:
+        stopped = f"; running when stopped: {part['running']}" if part.get("running") else ""
+        lines += ["## CUDA tests", "", f"`{part.get('command')}` (log: cuda-tests.log){stopped}", ""]
         lines += _table(["test", "outcome", "s", "message"], [
-            [c["name"].split("::")[-1], c["outcome"], f"{c['seconds']:.1f}", c["message"].replace("|", "/")]
-            for c in tests.get("cases", [])])
-    rows = report.get("throughput")
+            [c["name"].split("::")[-1], c["outcome"], _fmt(c.get("seconds"), 1), c["message"]]
+            for c in cases])
+    rows = [r for r in part_rows(report, "compile") if "pipeline" in r]
     if rows:
-        lines += ["## Training images/s (edge-popup, synthetic CIFAR-10)", "",
-                  f"Batch {report['plan']['batch']}, {report['plan']['steps']} steps timed after "
-                  f"{report['plan']['warmup']} warm-up steps.", ""]
-        lines += _table(["model", "pipeline", "images/s", "vs reference", "peak allocated MB",
-                         "peak reserved MB", "note"], [
-            [r["model"], r["pipeline"], _fmt(r["images_per_s"], 0), _fmt(r["vs_reference"], 2, "x"),
-             _fmt(r["peak_allocated_mb"], 0), _fmt(r["peak_reserved_mb"], 0),
-             ("compiled: " if r.get("compiled") else "NOT compiled: ") + r["compile_note"]
-             if "compile_note" in r else ""] for r in rows])
-    rows = report.get("overhead")
-    if rows:
-        lines += ["## Masked step vs dense step", ""]
-        lines += _table(["model", "batch", "dense ms", "masked ms", "ratio", "paired ratio"], [
-            [r["model"], r["batch"], _fmt(r["dense_ms"], 2), _fmt(r["masked_ms"], 2), _fmt(r["ratio"], 3),
-             _fmt(r["paired"], 3)] for r in rows])
-    rows = report.get("packing")
-    if rows:
-        lines += ["## Packing: k trial processes at 1/k of the GPU", ""]
-        lines += _table(["model", "k", "share", "images/s per trial", "aggregate images/s", "vs k=1",
-                         "peak reserved MB (max)", "cap MB", "note"], [
-            [r.get("model", "-"), r["k"], f"{r['share']:g}",
-             " / ".join(f"{v:.0f}" for v in r.get("per_trial_images_per_s", [])),
-             _fmt(r.get("aggregate_images_per_s"), 0), _fmt(r.get("vs_k1"), 2, "x"),
-             _fmt(max((t["peak_reserved_mb"] for t in r.get("trials", [])
-                       if t.get("peak_reserved_mb") is not None), default=None), 0),
-             _fmt(min((t.get("cap_mb") or math.inf for t in r.get("trials", [])), default=None)
-                  if any(t.get("cap_mb") for t in r.get("trials", [])) else None, 0),
-             r.get("error") or ("" if r.get("overlapped", True) else "trials did not overlap")]
+        eager = {r["model"]: r.get("images_per_s") for r in part_rows(report, "throughput")
+                 if r.get("pipeline") == "ours fp32 (defaults)"}
+        lines += ["## torch.compile", "", f"Batch {plan['batch']}: compilation (the first step less a "
+                  f"steady one), then {plan['steps']} steps timed after {plan['warmup']} warm-up steps; "
+                  "TORCHINDUCTOR_COMPILE_THREADS set to the child's CPUs.", ""]
+        head = ["model", "CPUs", "compile threads", "compile s", "images/s", "vs eager fp32", "verdict"]
+        lines += _table(head, [
+            [r["model"], r.get("cpus", "-"), r.get("compile_threads", "-"), _fmt(r.get("compile_s"), 1),
+             _fmt(r.get("images_per_s"), 0),
+             _fmt(r["images_per_s"] / eager[r["model"]] if r.get("images_per_s") and eager.get(r["model"])
+                  else None, 2, "x"),
+             ("compiled: " if r.get("compiled") else "NOT compiled: ") + r.get("compile_note", "")]
             for r in rows])
-    ray = report.get("ray_packing")
-    if ray and ray.get("rows"):
-        lines += ["## Packing as Ray Tune trials", ""]
-        lines += _table(["model", "k", "aggregate images/s", "vs k=1", "peak allocated MB", "peak reserved MB"], [
-            [r["model"], r["k"], _fmt(r["aggregate_images_per_s"], 0), _fmt(r["vs_k1"], 2, "x"),
-             _fmt(r["peak_allocated_mb"], 0), _fmt(r["peak_reserved_mb"], 0)] for r in ray["rows"]])
-    rows = report.get("figure2")
+    rows = [r for r in part_rows(report, "throughput") if "pipeline" in r]
     if rows:
-        plan = report["plan"]
+        lines += ["## Training images/s (edge-popup, synthetic CIFAR-10)", "", f"Batch {plan['batch']}, "
+                  f"{plan['steps']} steps timed after {plan['warmup']} warm-up steps.", ""]
+        head = ["model", "pipeline", "images/s", "vs reference", "peak allocated MB", "peak reserved MB",
+                "process GPU MB (NVML)"]
+        lines += _table(head, [
+            [r["model"], r["pipeline"], _fmt(r.get("images_per_s"), 0), _fmt(r.get("vs_reference"), 2, "x")]
+            + [_fmt(r.get(k), 0) for k in ("peak_allocated_mb", "peak_reserved_mb", "gpu_peak_mb")]
+            for r in rows])
+    rows = [r for r in part_rows(report, "step") if "ratio" in r]
+    if rows:
+        lines += ["## Where a step's time goes", "", "Medians of alternating blocks; the mask selection is "
+                  "the k-th smallest score of every layer, as a masked step's forward computes it.", ""]
+        head = ["model", "batch", "dense ms", "masked ms", "masked/dense", "selection ms", "selection share",
+                "re-draw ms"]
+        lines += _table(head, [
+            [r["model"], r["batch"], _fmt(r["dense_ms"], 2), _fmt(r["masked_ms"], 2), _fmt(r["ratio"], 3),
+             _fmt(r["select_ms"], 3), _fmt(100 * r["select_share"], 1, "%"), _fmt(r["rerand_ms"], 3)]
+            for r in rows])
+    rows = part_rows(report, "packing")
+    if rows:
+        lines += ["## Packing curve: k trial processes at 1/k of the GPU", "",
+                  f"Edge-popup, batch {plan['batch']}, {plan['packing_epochs']} epochs of "
+                  f"{plan['packing_iters']} iterations after a common start; images/s counted while all k "
+                  "train.", ""]
+        head = ["model", "k", "aggregate images/s", "vs k=1", "per trial", "GPU MB per trial (NVML, max)",
+                "share MB", "allocator cap MB", "note"]
+        lines += _table(head, [
+            [r["model"], r["k"], _fmt(r.get("aggregate_images_per_s"), 0), _fmt(r.get("vs_k1"), 2, "x"),
+             " / ".join(f"{v:.0f}" for v in r.get("per_trial_images_per_s", [])),
+             _fmt(_most(t.get("gpu_peak_mb") or t.get("gpu_peak_unmatched_mb") for t in r["trials"]), 0),
+             _fmt(_most((t.get("gpu_share_mb") for t in r["trials"]), min), 0),
+             _fmt(_most((t.get("cap_mb") for t in r["trials"]), min), 0),
+             r.get("error") or r.get("cut") or ("" if r.get("overlapped", True) else "no overlap")]
+            for r in rows])
+    shares = report.get("shares") or {}
+    if shares.get("proposed"):
+        where = (f": written to {shares['written']}" if shares.get("written") else
+                 f" ({shares['why_not_written']})" if shares.get("why_not_written") else "")
+        lines += ["## GPU shares from the curve", "", "The smallest 1/k keeping at least 90% of the best "
+                  "aggregate (iterand_tune/gpu_shares.py); `--write-shares` writes them to the "
+                  f"table{where}.", ""]
+        lines += _table(["model", "input", "share"], [[p["model"], p["input"], f"{p['share']:g}"]
+                                                       for p in shares["proposed"]])
+    rows = part_rows(report, "figure2")
+    if rows:
         lines += ["## Figure-2-like run: epoch times per model and method", "",
                   f"Synthetic CIFAR-10, {plan['figure2_epochs']} epochs of {plan['figure2_iters']} "
-                  f"iterations (debug_max_iters; a full epoch is {FULL_EPOCH_ITERS}), batch "
-                  f"{plan['batch']}, each trial a process at its default GPU share. A full epoch is "
-                  "estimated from the last epoch: (its time - the evaluation's) x full / measured "
-                  "iterations + the evaluation's.", ""]
-        lines += _table(["model", "method", "share", "epoch s", "eval s", "full epoch s (est.)",
-                         "checkpoint s", "checkpoint share", "peak allocated MB", "peak reserved MB",
-                         "cap MB"], [
-            [r["model"], r.get("method", "-"), f"{r['share']:g}",
-             " / ".join(f"{s:.2f}" for s in r.get("epoch_seconds", [])) or r.get("error", ""),
+                  f"iterations (a full epoch is {FULL_EPOCH_ITERS}), batch {plan['batch']}, each trial a "
+                  "process at its default GPU share. A full epoch is estimated from the last epoch: (its "
+                  "time - the evaluation's) x full / measured iterations + the evaluation's.", ""]
+        head = ["model", "method", "share", "epoch s", "eval s", "full epoch s (est.)", "checkpoint s",
+                "checkpoint share", "GPU MB (NVML)", "share MB", "allocator cap MB"]
+        lines += _table(head, [
+            [r.get("model", "-"), r.get("method", "-"), _fmt(r.get("share"), 3),
+             " / ".join(f"{s:.2f}" for s in r.get("epoch_seconds", [])) or r.get("error") or r.get("cut", ""),
              _fmt(r.get("eval_s"), 2), _fmt(r.get("full_epoch_s_est"), 1), _fmt(r.get("checkpoint_s"), 3),
              _fmt(None if r.get("checkpoint_share") is None else 100 * r["checkpoint_share"], 1, "%"),
-             _fmt(r.get("peak_allocated_mb"), 0), _fmt(r.get("peak_reserved_mb"), 0), _fmt(r.get("cap_mb"), 0)]
-            for r in rows])
-    if report.get("skipped") or report.get("errors"):
-        lines += ["## Not measured", ""]
-        lines += [f"- {s['part']}: skipped, {s['why']}" for s in report.get("skipped", [])]
-        lines += [f"- {e['part']}: failed, {e['error']}" for e in report.get("errors", [])]
-        lines.append("")
+             _fmt(r.get("gpu_peak_mb") or r.get("gpu_peak_unmatched_mb"), 0), _fmt(r.get("gpu_share_mb"), 0),
+             _fmt(r.get("cap_mb"), 0)] for r in rows])
     return "\n".join(lines)
-
-
-def write_reports(report: dict[str, Any], out: str) -> None:
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(markdown(report))
 
 
 # ----------------------------------------------------------------------------- main
 
 
+def worker_main(spec_path: str) -> int:
+    """`gpu_check.py --worker SPEC.json`: one of gpu_throughput.CALLS, its rows appended to the
+    spec's result file as JSON lines."""
+    die_with_parent()
+    with open(spec_path) as f:
+        spec = json.load(f)
+    import gpu_throughput as gt
+
+    def emit(row: dict[str, Any]) -> None:
+        with open(spec["result"], "a") as out:
+            out.write(json.dumps(row, default=str) + "\n")
+
+    try:
+        gt.CALLS[spec["call"]](emit, **spec["args"])
+    except BaseException as err:  # noqa: BLE001 - the parent reports it
+        emit(gt.error_row(err))
+        return 1
+    return 0
+
+
+def exec_main(argv: list[str]) -> int:
+    """`gpu_check.py --exec CMD ...`: CMD in this process, killed when the check ends."""
+    die_with_parent()
+    os.execvp(argv[0], argv)
+    return 127  # not reached
+
+
+def _interrupted_at_start(out: str, signum: int) -> None:
+    """A signal before the check knew its mode: still a report that says so."""
+    os.makedirs(out, exist_ok=True)
+    report = dict(schema=2, state="interrupted", interrupted_by=signal.Signals(signum).name,
+                  created=now_iso(), elapsed_s=round(time.monotonic() - START, 1),
+                  parts={name: {"state": "pending", "rows": []} for name in PARTS})
+    _write_atomically(os.path.join(out, "report.json"), json.dumps(report, indent=1))
+    _write_atomically(os.path.join(out, "report.md"),
+                      f"# GPU check\n\nInterrupted by {report['interrupted_by']} while starting: "
+                      "nothing measured.\n")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--exec"]:
+        return exec_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="gpu-check", help="folder of report.json and report.md (default gpu-check)")
+    ap.add_argument("--out", default="gpu-check",
+                    help="folder of report.json and report.md (default gpu-check)")
     ap.add_argument("--allow-cpu", action="store_true",
                     help="without a CUDA device, run a tiny version of everything on CPU")
-    ap.add_argument("--budget-s", type=float, default=450.0,
-                    help="start no part expected to end after this many seconds (default 450)")
+    ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                    help="seconds the whole check may take, start-up included "
+                         f"(default {DEFAULT_BUDGET_S:.0f})")
     ap.add_argument("--skip", nargs="+", default=[], choices=PARTS, metavar="PART",
                     help=f"parts to leave out: {', '.join(PARTS)}")
+    ap.add_argument("--write-shares", nargs="?", const="", default=None, metavar="PATH",
+                    help="write the shares the packing curve gives into the GPU share table "
+                         "(default: the package's iterand_tune/gpu_shares.json)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
-    if not torch.cuda.is_available() and not args.allow_cpu:
-        print(f"gpu_check: no CUDA device here (torch {torch.__version__}, CUDA build "
-              f"{torch.version.cuda or 'none'}); run it on a GPU machine, or pass --allow-cpu for "
-              "a tiny CPU version", flush=True)
-        return NO_CUDA_EXIT
-    import gpu_throughput as gt
+    if args.write_shares == "":
+        from iterand_tune.gpu_shares import TABLE  # torch-free
 
-    mode = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU is always used when present
-    device = torch.device(mode)
-    plan = PLANS[mode]
-    os.makedirs(args.out, exist_ok=True)
-    budget = gt.Budget(args.budget_s)
-    report: dict[str, Any] = dict(
-        schema=1, mode=mode, created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        budget_s=args.budget_s, environment=environment(device), plan=plan, skipped=[], errors=[])
-    env = report["environment"]
-    say(f"gpu_check: {env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, {env['cpu_count']} CPU cores"
-        + ("" if mode == "cuda" else " (tiny CPU version: the numbers say nothing about a GPU)"))
-    if args.allow_cpu and mode == "cuda":
-        say("(--allow-cpu ignored: there is a GPU, and it is used)")
-    scratch = tempfile.mkdtemp(prefix="gpu_check_")
-    ref_rates: dict[str, float] = {}
-
-    def part(name: str, fn: Callable[[], Any], need: Optional[float] = None) -> None:
-        if name in args.skip:
-            report["skipped"].append(dict(part=name, why="--skip"))
-            return
-        need = NEEDS[name] if need is None else need
-        if mode == "cuda" and budget.elapsed() + need > budget.seconds:
-            report["skipped"].append(dict(part=name, why=f"it would end past the {budget.seconds:.0f} s budget"))
-            say(f"{name}: skipped (budget)")
-            return
-        say(f"\n== {name} ({budget.elapsed():.0f} s in)")
-        t0 = time.perf_counter()
-        try:
-            fn()
-        except Exception as err:  # noqa: BLE001 - recorded; the other parts still run
-            report["errors"].append(dict(part=name, error=_error(err)))
-            say(f"{name}: failed: {_error(err)}")
-        report.setdefault("part_seconds", {})[name] = time.perf_counter() - t0
-
-    def tests() -> None:
-        left = max(30.0, budget.seconds - budget.elapsed() - 60) if mode == "cuda" else plan["tests_timeout"]
-        report["cuda_tests"] = run_cuda_tests(args.out, min(plan["tests_timeout"], left))
-        t = report["cuda_tests"]
-        say(f"CUDA tests: {t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
-            f"{t['skipped']} skipped" + (f" ({t['problem']})" if "problem" in t else ""))
-
-    def a() -> None:
-        report["throughput"] = throughput(plan, device, budget, False, ref_rates)
-
-    def overhead() -> None:
-        report["overhead"] = []
-        for model in plan["overhead_models"]:
-            row = step_overhead(model, plan["batch"], plan["overhead_repeats"], plan["overhead_block"],
-                                device, plan["overhead_warmup"])
-            report["overhead"].append(row)
-            say(f"{model}: dense {row['dense_ms']:.2f} ms, masked {row['masked_ms']:.2f} ms, "
-                f"ratio {row['ratio']:.3f}")
-
-    def pack() -> None:
-        report["packing"] = packing(plan, device, os.path.join(scratch, "packing"))
-
-    def fig2() -> None:
-        folder = os.path.join(scratch, "figure2")
-        os.makedirs(folder, exist_ok=True)
-        report["figure2"] = figure2(plan, device, folder)
-
-    def ray() -> None:
-        try:
-            import ray as _ray  # noqa: F401 - only whether it is there
-        except ImportError:
-            report["ray_packing"] = {"skipped": "Ray is not importable here"}
-            report["skipped"].append(dict(part="ray", why="Ray is not importable here"))
-            return
-        report["ray_packing"] = ray_packing(plan, device, budget)
-
-    def compile_row() -> None:
-        if mode != "cuda":
-            report["skipped"].append(dict(part="compile", why="on CPU torch.compile takes minutes of C++ compilation"))
-            return
-        report["throughput"] = (report.get("throughput") or []) + throughput(plan, device, budget, True, ref_rates)
-
+        args.write_shares = TABLE
+    signals = Signals()
+    signals.install()  # before torch's import, the slowest part of starting
     try:
-        part("tests", tests)
-        part("throughput", a)
-        part("overhead", overhead)
-        part("packing", pack)
-        part("figure2", fig2)
-        part("ray", ray)
-        part("compile", compile_row)
+        try:
+            import torch
+
+            if not torch.cuda.is_available() and not args.allow_cpu:
+                say(f"gpu_check: no CUDA device here (torch {torch.__version__}, CUDA build "
+                    f"{torch.version.cuda or 'none'}); run it on a GPU machine, or pass --allow-cpu for "
+                    "a tiny CPU version")
+                return NO_CUDA_EXIT
+            mode = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU is always used when present
+            if args.allow_cpu and mode == "cuda":
+                say("(--allow-cpu ignored: there is a GPU, and it is used)")
+            os.makedirs(args.out, exist_ok=True)
+            check = Check(args, mode, signals)
+        except Interrupted as stop:
+            _interrupted_at_start(args.out, stop.signum)
+            return 128 + stop.signum
+        return check.run()
     finally:
-        report["elapsed_s"] = budget.elapsed()
-        report["targets"] = targets(report, plan)
-        write_reports(report, args.out)
-        shutil.rmtree(scratch, ignore_errors=True)
-    say(f"\nreport: {os.path.join(args.out, 'report.md')} and report.json ({budget.elapsed():.0f} s)")
-    for t in report["targets"]:
-        say(f"  {t['name']}: {t['shown']} (target {t['target']})"
-            + {True: "", False: "  NOT MET", None: ""}[t["met"]])
-    tests_ok = "cuda_tests" not in report or (
-        report["cuda_tests"].get("failed", 0) + report["cuda_tests"].get("errors", 0) == 0
-        and "problem" not in report["cuda_tests"])
-    return 0 if tests_ok and not report["errors"] else 1
+        signals.restore()
 
 
 if __name__ == "__main__":

@@ -1,19 +1,8 @@
-"""GPU-hours per figure, from the epoch times that benchmarks/gpu_check.py measured.
+"""GPU-hours per figure from the epoch times of a benchmarks/gpu_check.py report: a trial costs
+epochs x full-epoch seconds x its GPU share / 3600; models the check did not time follow a power
+law in forward MACs through those it did (docs/gpu.md, "Reading the report").
 
-    python benchmarks/gpu_hours.py gpu-check/report.json [--detail]
-    python benchmarks/gpu_hours.py                       (no report: the files' own estimates)
-
-Every trial of figure 1 (36 trials), figure 2 (180) and the three examples costs
-    epochs x (full-epoch seconds of its model and method) x (its GPU share) / 3600
-GPU-hours: trials packed k to a GPU at 1/k each share its time. The full-epoch seconds come from
-the report's figure-2-like run (synthetic CIFAR-10, which has CIFAR-10's 45,000 training images
-and batch 128: 352 iterations an epoch): the last measured epoch without its evaluation, scaled
-from the measured iterations to 352, plus the evaluation. Models or methods the run did not
-measure (widths other than x0.25 and x1.0, ResNet34) follow a power law of epoch time in
-forward multiply-accumulates fitted through the measured points of the same method and family
-(ResNet34 on ResNet18's). Shares are each model's default (`gpu_share`). The output says what
-it was measured on; without a report it prints the estimates written in the experiment files'
-headers, labelled as estimates.
+Usage: python benchmarks/gpu_hours.py [gpu-check/report.json] [--detail]
 """
 from __future__ import annotations
 
@@ -26,8 +15,12 @@ import sys
 from typing import Any, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # the checkout, without an install
-    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+for _path in (ROOT, HERE):  # the checkout and the sibling benchmarks, without an install
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from gpu_check import part_rows  # noqa: E402 - the report's reader, after the path is set
 
 # (label, experiment file, trials the paper's grid has)
 FIGURES = (("figure 1", "experiments/figure1.py", 36), ("figure 2", "experiments/figure2.py", 180),
@@ -58,7 +51,7 @@ class EpochTimes:
 
         self.parse = parse_model
         self.points: dict[tuple[str, float, str], float] = {}
-        for t in report.get("figure2") or []:
+        for t in part_rows(report, "figure2"):
             if "error" in t or not t.get("full_epoch_s_est"):
                 continue
             family, width = parse_model(t["model"])
@@ -176,7 +169,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (OSError, json.JSONDecodeError) as err:
         print(f"gpu_hours: cannot read {args.report}: {err}", file=sys.stderr)
         return 2
-    if not report.get("figure2"):
+    if not any("full_epoch_s_est" in t for t in part_rows(report, "figure2")):
         print(f"gpu_hours: {args.report} has no figure-2 epoch times (was that part skipped?)\n")
         print(estimates_table())
         return 0

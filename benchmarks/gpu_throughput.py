@@ -1,79 +1,38 @@
-"""Training throughput on one GPU: our pipeline against a reference-style one, and k trials
-sharing the GPU as real Ray Tune trials. Synthetic CIFAR-shaped data (`synthetic_cifar10`:
-fixed-seed random uint8 32x32 images, CIFAR-10's split sizes), since the GPU machine cannot
-fetch a dataset. Edge-popup trials (score_only; p 0.5 for Conv6, 0.6 for ResNet18), batch 128.
-
-a) Training images/s of Conv6x1.0 and ResNet18x1.0, side by side in one process:
-   - reference-style: torchvision PIL transforms (pad 4, RandomResizedCrop 32, flip, ToTensor,
-     Normalize) in a DataLoader with 4 worker processes and pinned memory, batches copied to
-     the GPU, and a masked layer that reads its threshold to the host (`.item()`) in every layer
-     at every step, plus the per-step `loss.item()` of a loss meter;
-   - ours: the Trainer's own `train_step` on batches of the device-resident uint8 dataset
-     augmented on the GPU (DeviceLoader), thresholds on the device, nothing read per step;
-     with the default options (faithful fp32, deterministic cuDNN) and each runtime option:
-     channels_last, bf16 autocast, both, cuDNN autotuning, torch.compile.
-   Each pipeline is timed with CUDA events over --steps steps after --warmup warm-up steps;
-   cuDNN is deterministic, without autotuning, for every row except `cudnn.benchmark`.
-b) Aggregate training images/s of k trials at once on one GPU at 1/k each (k = 1, 2, 4, 8), for
-   Conv6x0.25 and ResNet18x0.25, run as real Ray Tune trials (`iterand_tune.tune.run` with
-   `gpus_per_trial=1/k`, one CPU each; 6 full epochs per trial). Every trial reports
-   `epoch_seconds`, `epoch_end_time` (its wall clock at the epoch's end) and `iterations` per
-   epoch; from those each epoch is placed on the wall clock, and the aggregate is the training
-   images of all trials inside the window
-   where all k were training (from the latest start of a second epoch, so CUDA start-up is left
-   out, to the earliest end of a last epoch) over the window's length. Pauses between epochs
-   (report, checkpoint) count as time without images, as in a real run; `epoch_seconds` also
-   holds one 512-image validation batch, so rates are slightly low.
-c) Peak GPU memory: per pipeline in (a) (`torch.cuda.max_memory_allocated`, the 184 MB
-   device-resident dataset included for ours, and `max_memory_reserved`, what the caching
-   allocator held), per trial in (b) (its `peak_gpu_memory_mb` and `peak_gpu_reserved_mb`).
-   The memory (a) cached is released before (b) starts.
-
-The torch.compile rows check Dynamo's counters: a row counts as compiled only when Dynamo built
-a graph during the warm-up, without graph breaks or failed frames, and nothing was compiled
-again while timing (which runs under `torch.compiler.set_stance("fail_on_recompile")`). An
-eager fallback (e.g. past the recompile limit) is reported as such, never as compiled.
-
-Hardware: written for one NVIDIA H200 (141 GB) with 16 CPU cores. It starts no measurement
-expected to end after --budget-s seconds (default 420), so that a whole run stays under 8
-minutes; the torch.compile rows of (a) run last for that reason. No figures have been measured
-with it yet. `benchmarks/gpu_check.py` calls these functions and writes their results into its
-report.
-
-Usage: python benchmarks/gpu_throughput.py [--steps 100] [--warmup 20] [--ks 1 2 4 8]
-           [--epochs 6] [--iters 0] [--no-compile] [--cpu] [--skip-a] [--skip-b] [--budget-s 420]
-Without a GPU (or with --cpu) it says so, runs the same code on a tiny size on CPUs (Conv6x0.25 and
-ResNet18x0.25 at batch 16 in (a); Conv6x0.25 trials with k = 1, 2 in (b), at 1/k of a logical
-GPU, training on CPUs) and exits 0.
-Every ratio is also printed on a line of its own: `ratio <what>: <value>`.
+"""What benchmarks/gpu_check.py measures inside its child processes: training images/s of our
+pipeline (eager and compiled) against a reference-style one, one trial as a Ray Tune trial runs it,
+a masked step's costs; and the arithmetic that places packed trials' epochs on one clock.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
-import glob
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-from iterand_tune.config import TrialConfig
+from iterand_tune.config import METHODS, TrialConfig
 from iterand_tune.data import IMAGENET_MEAN, IMAGENET_STD, load_synthetic
 from iterand_tune.models import Layers, create_model
 from iterand_tune.supermask import SparseConv2d, SparseLinear, mask_k
 from iterand_tune.training import Trainer
+from iterand_tune.trial_setup import claim_resources
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # its sibling, when loaded as a file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_overhead import step_costs, timed  # noqa: E402
 
 SPARSITY = {"conv6": 0.5, "resnet18": 0.6}  # the paper's p for Figure 2 (docs/method.md section 7)
 REF_WORKERS = 4
+Emit = Callable[[dict[str, Any]], None]
 
 
 def sparsity_of(model: str) -> float:
@@ -86,59 +45,28 @@ def edgepopup(model: str, **kw: Any) -> dict[str, Any]:
                 conv_sparsity=sparsity_of(model), lr=0.1, weight_decay=5e-4, **kw)
 
 
-class Budget:
-    """Wall-clock budget: measurements that would start after it are skipped, and said so."""
-
-    def __init__(self, seconds: float) -> None:
-        self.start, self.seconds = time.perf_counter(), seconds
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def spent(self, what: str, need: float = 0.0) -> bool:
-        """True (and says so) when a measurement expected to take `need` seconds would end
-        past the budget."""
-        if self.elapsed() + need <= self.seconds:
-            return False
-        print(f"  skipped {what}: it would end past the {self.seconds:.0f} s budget", flush=True)
-        return True
-
-
-def timed(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds for `steps` calls of `step` after `warmup` calls: CUDA events on a GPU."""
-    for _ in range(warmup):
-        step()
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return time.perf_counter() - t0
-    torch.cuda.synchronize(device)
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(steps):
-        step()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / 1e3
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def reset_memory(device: torch.device) -> None:
+    """Free what the last pipeline cached, so that each row's peaks are its own."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_mb(device: torch.device) -> Optional[float]:
-    """Peak memory allocated since the last reset, MB (None off CUDA)."""
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+def _peaks(device: torch.device) -> dict[str, Optional[float]]:
+    """Peak MB the allocator handed out and held since the last reset (None off CUDA)."""
+    if device.type != "cuda":
+        return dict(peak_allocated_mb=None, peak_reserved_mb=None)
+    return dict(peak_allocated_mb=torch.cuda.max_memory_allocated(device) / 2**20,
+                peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20)
 
 
-def peak_reserved_mb(device: torch.device) -> Optional[float]:
-    """Peak memory the caching allocator held since the last reset, MB (None off CUDA): what
-    a per-process memory cap limits."""
-    return torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
+# ----------------------------------------------------------------------------- torch.compile
 
 
 def dynamo_counts() -> dict[str, int]:
@@ -173,7 +101,7 @@ def _timing_stance(compiled: bool) -> Any:
     return set_stance("fail_on_recompile")
 
 
-# ----------------------------------------------------------------------------- (a) ours
+# ----------------------------------------------------------------------------- images/s: ours
 
 
 def full_batches(loader: Any, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -186,10 +114,10 @@ def full_batches(loader: Any, batch: int) -> Iterator[tuple[torch.Tensor, torch.
 
 def ours(model: str, options: dict[str, Any], batch: int, steps: int, warmup: int,
          device: torch.device, max_train: Optional[int]) -> dict[str, Any]:
-    """The Trainer's own step on device-resident augmented batches: images_per_s,
-    peak_allocated_mb, peak_reserved_mb, and for a compile row `compiled` (bool) and
-    `compile_note` from Dynamo's counters; a row whose steps fell back to eager has
-    images_per_s None (it measured something else)."""
+    """The Trainer's own step on device-resident augmented batches: images_per_s and peak
+    memory; a compile row also has `compile_s` (its first step, compilation included, less one
+    steady step), `compiled` and `compile_note` from Dynamo's counters, and images_per_s None
+    when its steps fell back to eager (that measured something else)."""
     reset_memory(device)
     cfg = TrialConfig(**edgepopup(model, batch_size=batch, epochs=1, max_train_dataset_size=max_train,
                                   **options))
@@ -197,19 +125,21 @@ def ours(model: str, options: dict[str, Any], batch: int, steps: int, warmup: in
     trainer.model.train()
     batches = full_batches(trainer.loaders.train, batch)
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
 
     def step() -> None:  # what train_epoch does per iteration
-        nonlocal loss_sum, correct
-        x, y = next(batches)
-        batch_loss, batch_correct = trainer.train_step(x, y)
-        loss_sum += batch_loss
-        correct += batch_correct
+        nonlocal loss_sum
+        loss_sum += trainer.train_step(*next(batches))[0]
 
     row: dict[str, Any] = {}
-    if cfg.compile:
+    if not cfg.compile:
+        seconds: Optional[float] = timed(step, steps, warmup, device)
+    else:
         before = dynamo_counts()
-        for _ in range(warmup):
+        t0 = time.perf_counter()
+        step()  # Dynamo traces, Inductor compiles forward and backward
+        _sync(device)
+        first_s = time.perf_counter() - t0
+        for _ in range(warmup - 1):
             step()
         warm = dynamo_counts()
         try:
@@ -223,16 +153,26 @@ def ours(model: str, options: dict[str, Any], batch: int, steps: int, warmup: in
             row.update(compiled=ok, compile_note=note)
             if not ok or not trainer.compiled:
                 seconds = None  # never report an eager (or partly eager) run as compiled
-    else:
-        seconds = timed(step, steps, warmup, device)
+        row.update(first_step_s=first_s, compile_s=first_s - (seconds / steps if seconds else 0.0),
+                   compile_threads=_compile_threads())
     if not torch.isfinite(loss_sum).item():  # read once, after the timing
         raise RuntimeError(f"{model} {options}: the training loss is not finite")
-    row.update(images_per_s=steps * batch / seconds if seconds else None,
-               peak_allocated_mb=peak_mb(device), peak_reserved_mb=peak_reserved_mb(device))
+    row.update(images_per_s=steps * batch / seconds if seconds else None, **_peaks(device))
     return row
 
 
-# ----------------------------------------------------------------------------- (a) reference
+def _compile_threads() -> Optional[int]:
+    """Inductor's compile workers in this process (TORCHINDUCTOR_COMPILE_THREADS, read when
+    Inductor's config is first imported)."""
+    try:
+        from torch._inductor import config  # only compile rows need Inductor
+
+        return int(config.compile_threads) if config.compile_threads is not None else None
+    except Exception:  # noqa: BLE001 - a torch without Inductor: the row says None
+        return None
+
+
+# ----------------------------------------------------------------------------- images/s: reference
 
 
 class _HostThresholdMask(torch.autograd.Function):
@@ -285,16 +225,15 @@ class PILImages(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
+        from PIL import Image  # what torchvision's datasets use; only the reference needs it
 
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
 def reference(model: str, batch: int, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
     """A reference-style pipeline: PIL transforms in DataLoader workers, host-read thresholds, a
-    loss meter reading the loss every step. Returns images_per_s, peak_allocated_mb,
-    peak_reserved_mb."""
-    from torchvision import transforms as T
+    loss meter reading the loss every step. images_per_s and peak memory."""
+    from torchvision import transforms as T  # a slow import, only for the reference
 
     reset_memory(device)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
@@ -327,14 +266,13 @@ def reference(model: str, batch: int, steps: int, warmup: int, device: torch.dev
         losses.append(loss.item())
 
     seconds = timed(step, steps, warmup, device)
-    row = dict(images_per_s=steps * batch / seconds, peak_allocated_mb=peak_mb(device),
-               peak_reserved_mb=peak_reserved_mb(device))
+    row = dict(images_per_s=steps * batch / seconds, **_peaks(device))
     batches.close()  # drops the loader's iterator, which stops its workers
     return row
 
 
-# Rows of (a) for our pipeline. On a CPU only the first and the combined one run (a smoke
-# check); torch.compile rows run after (b), so that a slow compilation cannot crowd it out.
+# Our pipeline's rows: the defaults and each runtime option. On a CPU only the first and the
+# combined one run (a check of the machinery).
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("ours fp32 (defaults)", {}),
     ("ours channels_last", dict(channels_last=True)),
@@ -342,93 +280,165 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("ours channels_last+bf16", dict(channels_last=True, autocast="bf16")),
     ("ours cudnn.benchmark", dict(deterministic=False)),
 ]
-COMPILE_VARIANTS: list[tuple[str, dict[str, Any]]] = [("ours compile", dict(compile=True))]
-COMPILE_SECONDS = 120  # what one compilation (forward and backward) may take: a row starts only with this left
 CPU_VARIANTS = ("ours fp32 (defaults)", "ours channels_last+bf16")
-A_HEAD = f"{'model':<15}{'pipeline':<33}{'img/s':>10}{'vs ref':>9}{'peak MB':>10}{'reserved':>10}"
 REFERENCE_LABEL = "reference-style (PIL, .item)"
+COMPILE_LABEL = "ours compile"
 
 
-def part_a(models: list[str], variants: list[tuple[str, dict[str, Any]]], ref_rates: dict[str, float],
-           batch: int, steps: int, warmup: int, device: torch.device, budget: Budget,
-           max_train: Optional[int], rows: Optional[list[dict[str, Any]]] = None) -> list[tuple[str, float]]:
-    """Rows of (a), printed and appended to `rows` (dicts: model, pipeline, options,
-    images_per_s, vs_reference, peak_allocated_mb, peak_reserved_mb[, compiled, compile_note]);
-    measures the reference of a model first unless `ref_rates` has it. Returns the ratios of
-    the default rows to the reference."""
-    rows = [] if rows is None else rows
-    ratios = []
+# ----------------------------------------------------------------------------- one trial
+
+
+def trial_config(model: str, method: str, plan: dict[str, Any], epochs: int, iters: Optional[int],
+                 device: str, eval_iters: Optional[int]) -> dict[str, Any]:
+    """TrialConfig values of a synthetic CIFAR-10 trial of `method` (the paper's figure 2 values:
+    p 0.5 for Conv6, 0.6 for ResNet18; K_per 300, r 0.1)."""
+    values = dict(METHODS[method], model=model, dataset="synthetic_cifar10", epochs=epochs,
+                  batch_size=plan["batch"], batch_size_eval=plan["batch_eval"],
+                  max_train_dataset_size=plan["max_train"], debug_max_iters=iters,
+                  debug_max_eval_iters=eval_iters, evaluate_test=False,
+                  use_cuda=device == "cuda", lr=0.1, weight_decay=5e-4)
+    if method != "sgd":
+        values["conv_sparsity"] = sparsity_of(model)
+    return values
+
+
+def _await_go(trainer: Trainer, spec: dict[str, Any]) -> None:
+    """Packed trials start training together: one step (CUDA, cuDNN and cuBLAS start-up), then
+    `ready`, then wait for the parent's `go`, written once all k are ready."""
+    trainer.model.train()
+    trainer.train_step(*next(iter(trainer.loaders.train)))
+    _sync(trainer.device)
+    with open(spec["ready"], "w"):
+        pass
+    deadline = time.monotonic() + float(spec.get("go_timeout", 600))
+    while not os.path.exists(spec["go"]):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the other packed trials never became ready")
+        time.sleep(0.01)
+
+
+def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
+    """One trial as a Ray Tune trial runs it (claim_resources at its share, the Trainer, a
+    checkpoint after every epoch), measured: the epochs' metrics, a timed checkpoint per epoch,
+    a timed evaluation alone, the allocator's peaks against its cap."""
+    started = time.time()
+    share = float(spec["share"])
+    device, _ = claim_resources(spec.get("cpus", 1), share if spec["device"] == "cuda" else 0.0)
+    if spec["device"] == "cuda" and device != "cuda":
+        raise RuntimeError("this trial was to run on the GPU, but CUDA is not available here")
+    cap_mb = total_mb = None
+    if device == "cuda":
+        total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        cap_mb = total_mb * (1.0 if share >= 1 or get_fraction is None else get_fraction(0))
+    cfg = TrialConfig.from_dict(spec["config"])
+    trainer = Trainer(cfg, device=device)
+    if spec.get("go"):
+        _await_go(trainer, spec)
+    ready = time.time()
+    epochs, checkpoints = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        while not trainer.done:
+            metrics = trainer.train_epoch()
+            metrics["batch_size"] = cfg.batch_size
+            t0 = time.perf_counter()
+            trainer.save(os.path.join(folder, "trainer.pt"))  # what the trainable does every epoch
+            checkpoints.append(time.perf_counter() - t0)
+            epochs.append(metrics)
+    _sync(trainer.device)
+    t0 = time.perf_counter()
+    trainer.evaluate("val")  # evaluation alone: splits an epoch into training and evaluation
+    _sync(trainer.device)
+    eval_s = time.perf_counter() - t0
+    last = epochs[-1]
+    iters = last["iterations"] - (epochs[-2]["iterations"] if len(epochs) > 1 else 0)
+    full_iters = len(trainer.loaders.train)  # an epoch without debug_max_iters (352 on CIFAR-10)
+    train_s = max(last["epoch_seconds"] - eval_s, 0.0)
+    full_epoch_s = train_s * full_iters / max(iters, 1) + eval_s
+    on_gpu = device == "cuda"
+    return dict(
+        model=cfg.model, method=cfg.method, share=share, device=device, pid=os.getpid(),
+        started=started, startup_s=ready - started, epochs=epochs,
+        epoch_seconds=[m["epoch_seconds"] for m in epochs], iterations_per_epoch=iters,
+        full_epoch_iterations=full_iters, eval_s=eval_s, full_epoch_s_est=full_epoch_s,
+        checkpoint_s=statistics.median(checkpoints),
+        checkpoint_share=statistics.median(checkpoints) / full_epoch_s if full_epoch_s else None,
+        peak_allocated_mb=max(m.get("peak_gpu_memory_mb") or 0.0 for m in epochs) if on_gpu else None,
+        peak_reserved_mb=max(m.get("peak_gpu_reserved_mb") or 0.0 for m in epochs) if on_gpu else None,
+        cap_mb=cap_mb, total_mb=total_mb)
+
+
+# ----------------------------------------------------------------------------- child entry points
+# `gpu_check.py --worker SPEC` calls one of these with the spec's arguments and `emit`, which
+# appends a row to the child's result file: a row is kept even if the child is stopped later.
+
+
+def throughput_rows(emit: Emit, model: str, device: str, cpus: int, batch: int, steps: int, warmup: int,
+                    max_train: Optional[int]) -> None:
+    """The reference-style pipeline, then ours with the defaults and each runtime option."""
+    dev = torch.device(device)
+    claim_resources(cpus, 1.0 if device == "cuda" else 0.0)
+    ref = reference(model, batch, steps, warmup, dev)
+    emit(dict(model=model, pipeline=REFERENCE_LABEL, options={}, vs_reference=1.0, **ref))
+    for label, options in VARIANTS:
+        if device == "cpu" and label not in CPU_VARIANTS:
+            continue
+        got = ours(model, options, batch, steps, warmup, dev, max_train)
+        rate = got["images_per_s"]
+        emit(dict(model=model, pipeline=label, options=dict(options),
+                  vs_reference=rate / ref["images_per_s"] if rate else None, **got))
+
+
+def compile_row(emit: Emit, model: str, device: str, cpus: int, batch: int, steps: int, warmup: int,
+                max_train: Optional[int]) -> None:
+    """Our pipeline compiled: compilation time apart from the steady-state rate."""
+    claim_resources(cpus, 1.0 if device == "cuda" else 0.0)
+    got = ours(model, dict(compile=True), batch, steps, warmup, torch.device(device), max_train)
+    emit(dict(model=model, pipeline=COMPILE_LABEL, options={"compile": True}, cpus=cpus, **got))
+
+
+def step_rows(emit: Emit, models: list[str], device: str, cpus: int, batch: int, repeats: int,
+              block: int, warmup: int) -> None:
+    """step_costs of each model at its figure-2 sparsity."""
+    claim_resources(cpus, 1.0 if device == "cuda" else 0.0)
     for model in models:
-        if model not in ref_rates:
-            if budget.spent(f"(a) {model}"):
-                continue
-            ref = reference(model, batch, steps, warmup, device)
-            ref_rates[model] = ref["images_per_s"]
-            rows.append(dict(model=model, pipeline=REFERENCE_LABEL, options={}, vs_reference=1.0, **ref))
-            _print_a(rows[-1])
-        for label, options in variants:
-            if device.type == "cpu" and label not in CPU_VARIANTS:
-                continue
-            if budget.spent(f"(a) {model} {label}", COMPILE_SECONDS if options.get("compile") else 0):
-                continue
-            got = ours(model, options, batch, steps, warmup, device, max_train)
-            rate = got["images_per_s"]
-            ratio = rate / ref_rates[model] if rate else None
-            rows.append(dict(model=model, pipeline=label, options=dict(options), vs_reference=ratio, **got))
-            _print_a(rows[-1])
-            if not options and ratio is not None:
-                ratios.append((f"a) {model} ours/reference images/s", ratio))
-    return ratios
+        emit(step_costs(model, torch.device(device), batch, repeats, block, warmup, sparsity_of(model)))
 
 
-def _print_a(row: dict[str, Any]) -> None:
-    rate, ratio = row["images_per_s"], row["vs_reference"]
-    line = (f"{row['model']:<15}{row['pipeline']:<33}{_num(rate, 0):>10}{_num(ratio, 2):>9}"
-            f"{_mb(row['peak_allocated_mb']):>10}{_mb(row['peak_reserved_mb']):>10}")
-    if "compiled" in row:
-        line += f"  ({'compiled' if row['compiled'] else 'NOT compiled'}: {row['compile_note']})"
-    print(line, flush=True)
+def trial_rows(emit: Emit, specs: list[dict[str, Any]]) -> None:
+    """Each spec's trial in turn (gpu_check gives a GPU trial a process of its own); a trial that
+    fails gives its error row, and the next one runs."""
+    for spec in specs:
+        try:
+            emit(run_trial(spec))
+        except Exception as err:  # noqa: BLE001 - reported per trial
+            cfg = TrialConfig.from_dict(spec["config"])
+            emit(dict(error_row(err), model=cfg.model, method=cfg.method, share=spec["share"]))
 
 
-def _num(value: Optional[float], digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def error_row(err: BaseException) -> dict[str, Any]:
+    """{"error": one line, the exception and where it was raised; "traceback": its end}."""
+    tb = traceback.extract_tb(err.__traceback__)
+    where = f" ({os.path.basename(tb[-1].filename)}:{tb[-1].lineno})" if tb else ""
+    first = str(err).splitlines()[0] if str(err) else ""
+    return {"error": f"{type(err).__name__}: {first}{where}",
+            "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))[-3000:]}
 
 
-def _mb(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.0f}"
+CALLS: dict[str, Callable[..., None]] = {
+    "throughput": throughput_rows, "compile": compile_row, "step": step_rows, "trials": trial_rows}
 
 
-# ----------------------------------------------------------------------------- (b)
-
-
-def read_trials(run_path: str) -> list[list[dict[str, Any]]]:
-    """Every trial's reported rows (result.json), one list per trial."""
-    trials = []
-    for path in sorted(glob.glob(os.path.join(run_path, "*", "result.json"))):
-        with open(path) as f:
-            trials.append([json.loads(line) for line in f if line.strip()])
-    return trials
-
-
-def _batch_size(row: dict[str, Any]) -> int:
-    """The batch size of a reported row: its own, or its Ray Tune trial config's."""
-    return int(row["batch_size"]) if "batch_size" in row else int(row["config"]["trial"]["batch_size"])
+# ----------------------------------------------------------------------------- packed trials' clock
 
 
 def epoch_spans(rows: list[dict[str, Any]]) -> list[tuple[float, float, int]]:
     """(start, end, training images) on the wall clock of every epoch after the first (which
-    holds CUDA's start-up). The end is the trial's own `epoch_end_time` (time.time() at the
-    epoch's end); rows without it (older results) fall back on Ray's clock, whose `timestamp` is
-    whole seconds: the trial's clock offset is then the largest `timestamp - time_total_s`."""
-    offset = None
-    if not all("epoch_end_time" in r for r in rows):
-        offset = max(r["timestamp"] - r["time_total_s"] for r in rows)
-    spans = []
-    for prev, row in zip(rows, rows[1:]):
-        end = row["epoch_end_time"] if offset is None else offset + row["time_total_s"]
-        images = (row["iterations"] - prev["iterations"]) * _batch_size(row)
-        spans.append((end - row["epoch_seconds"], end, images))
-    return spans
+    holds start-up); the end is the trial's own `epoch_end_time` (time.time() at the epoch's
+    end), to well under a second where Ray's `timestamp` is whole seconds."""
+    return [(row["epoch_end_time"] - row["epoch_seconds"], row["epoch_end_time"],
+             (row["iterations"] - prev["iterations"]) * int(row["batch_size"]))
+            for prev, row in zip(rows, rows[1:])]
 
 
 def aggregate_rate(trials: list[list[dict[str, Any]]]) -> tuple[float, list[float], bool]:
@@ -452,150 +462,16 @@ def aggregate_rate(trials: list[list[dict[str, Any]]]) -> tuple[float, list[floa
     return sum(rates), rates, True
 
 
-def part_b(models: list[str], ks: list[int], epochs: int, iters: int, batch: int, gpu: bool,
-           budget: Budget, max_train: Optional[int], batch_eval: int,
-           rows: Optional[list[dict[str, Any]]] = None) -> list[tuple[str, float]]:
-    """Rows of (b) as real Ray Tune trials, printed and appended to `rows` (dicts: model, k,
-    share, per_trial_images_per_s, aggregate_images_per_s, vs_k1, overlapped,
-    peak_allocated_mb, peak_reserved_mb); returns the ratios to the first k."""
-    import ray  # only (b) needs Ray: a GPU machine without it runs (a) and gpu_check's packing
-
-    from iterand_tune.experiments import Experiment
-    from iterand_tune.tune import RunOptions, grid_marker, run
-
-    rows = [] if rows is None else rows
-
-    # Without CUDA a logical GPU still exercises the 1/k requests; Ray refuses one where
-    # CUDA_VISIBLE_DEVICES is set to nothing, and then the trials ask for CPUs only.
-    gpus = 1 if gpu or os.environ.get("CUDA_VISIBLE_DEVICES") != "" else 0
-    where = "a GPU" if gpu else "a logical GPU (the trials train on CPUs)" if gpus else "no GPU"
-    length = f"{iters} iterations" if iters else "a full epoch"
-    print(f"\nb) k Ray Tune trials at once, each with 1/k of {where} and 1 CPU, edge-popup, "
-          f"batch {batch}, {epochs} epochs of {length} each", flush=True)
-    head = (f"{'model':<15}{'k':>3}{'img/s per trial':>17}{'aggregate img/s':>17}{'vs k=1':>8}"
-            f"{'peak MB/trial':>15}")
-    print(head + "\n" + "-" * len(head), flush=True)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose 0: no tables between rows
-    storage = tempfile.mkdtemp(prefix="gpu_throughput_")
-    cpus = os.cpu_count() or 1
-    started = not ray.is_initialized()  # a Ray this process already uses (a test's) is kept
-    if started:
-        ray.init(address="local", num_cpus=max(cpus, max(ks)), num_gpus=gpus,
-                 include_dashboard=False, log_to_driver=False,
-                 object_store_memory=None if gpu else 200 * 2**20)
-    ratios, finished = [], False
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """The rows a child emitted so far (a last line cut short by a kill is left out)."""
+    rows = []
     try:
-        for model in models:
-            base, last = None, 0.0
-            for i, k in enumerate(ks):
-                # Doubling k at most doubles how long each trial takes (no gain from sharing).
-                if budget.spent(f"(b) {model} k={k}", last * k / ks[i - 1] if i else 0.0):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
                     break
-                t0 = time.perf_counter()
-                config = edgepopup(model, epochs=epochs, batch_size=batch, batch_size_eval=batch_eval,
-                                   debug_max_iters=iters or None, debug_max_eval_iters=1,
-                                   max_train_dataset_size=max_train, use_cuda=gpu)
-                name = f"tput_{model.replace('.', '_')}_k{k}"
-                exp = Experiment(name, config, {"seed": list(range(1, k + 1))})
-                opts = RunOptions(storage_path=storage, name=name, marker=grid_marker([exp]),
-                                  gpus_per_trial=gpus / k, cpus_per_trial=1, max_concurrent=k,
-                                  max_failures=0, verbose=0)
-                summary = run(opts, echo=lambda _line: None)
-                if not summary.ok:
-                    raise SystemExit(f"(b) {model} k={k}: trials failed or did not finish "
-                                     f"({summary.errored or summary.unfinished}); see {opts.path}")
-                last = time.perf_counter() - t0
-                trials = read_trials(opts.path)
-                total, rates, overlapped = aggregate_rate(trials)
-                base = total if k == ks[0] else base
-                mems = [r["peak_gpu_memory_mb"] for rs in trials for r in rs if "peak_gpu_memory_mb" in r]
-                held = [r["peak_gpu_reserved_mb"] for rs in trials for r in rs if "peak_gpu_reserved_mb" in r]
-                note = "" if overlapped else "  (the trials did not overlap: each one's own rate)"
-                print(f"{model:<15}{k:>3}{statistics.fmean(rates):>17.0f}{total:>17.0f}{total / base:>8.2f}"
-                      f"{_mb(max(mems) if mems else None):>15}{note}", flush=True)
-                rows.append(dict(model=model, k=k, share=1 / k, per_trial_images_per_s=rates,
-                                 aggregate_images_per_s=total, vs_k1=total / base, overlapped=overlapped,
-                                 peak_allocated_mb=max(mems) if mems else None,
-                                 peak_reserved_mb=max(held) if held else None))
-                if k != ks[0]:
-                    ratios.append((f"b) {model} aggregate k={k}/k={ks[0]}", total / base))
-        finished = True
-    finally:
-        if started:
-            ray.shutdown()
-        if finished:
-            shutil.rmtree(storage, ignore_errors=True)
-        else:
-            print(f"(b) stopped early: its Ray Tune results are kept in {storage}", flush=True)
-    return ratios
-
-
-# ----------------------------------------------------------------------------- main
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, help="(a) timed steps (GPU 100, CPU 2)")
-    ap.add_argument("--warmup", type=int, help="(a) warm-up steps, compilation included (GPU 20, CPU 3)")
-    ap.add_argument("--ks", type=int, nargs="+", help="(b) trials per GPU (GPU 1 2 4 8, CPU 1 2)")
-    ap.add_argument("--epochs", type=int, help="(b) epochs per trial (GPU 6, CPU 3)")
-    ap.add_argument("--iters", type=int, help="(b) iterations per epoch, 0 for a full epoch "
-                                              "(GPU 0 = 351 iterations, CPU 3)")
-    ap.add_argument("--no-compile", action="store_true", help="(a) leave out the torch.compile rows")
-    ap.add_argument("--cpu", action="store_true", help="the tiny CPU path even where there is a GPU")
-    ap.add_argument("--skip-a", action="store_true")
-    ap.add_argument("--skip-b", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=420.0,
-                    help="start no measurement expected to end after this many seconds (default 420)")
-    args = ap.parse_args(argv)
-    if args.epochs is not None and args.epochs < 2:
-        ap.error("--epochs must be at least 2: the first epoch (start-up) is not counted")
-
-    gpu = torch.cuda.is_available() and not args.cpu
-    budget = Budget(args.budget_s)
-    if gpu:
-        device = torch.device("cuda")
-        print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
-              f"{os.cpu_count()} CPU cores", flush=True)
-        models_a, models_b = ["conv6x1.0", "resnet18x1.0"], ["conv6x0.25", "resnet18x0.25"]
-        batch, batch_eval, max_train = 128, 512, None
-        steps, warmup = args.steps or 100, args.warmup or 20
-        ks, epochs = args.ks or [1, 2, 4, 8], args.epochs or 6
-        iters = 0 if args.iters is None else args.iters
-        compile_rows = [] if args.no_compile else COMPILE_VARIANTS
-    else:
-        device = torch.device("cpu")
-        found = "--cpu given" if args.cpu else "no GPU found"
-        print(f"{found} (torch {torch.__version__}, {os.cpu_count()} CPU cores): running the "
-              "CPU path on a tiny size; its numbers say nothing about GPU speed", flush=True)
-        models_a, models_b = ["conv6x0.25", "resnet18x0.25"], ["conv6x0.25"]
-        batch, batch_eval = 16, 64
-        steps, warmup = args.steps or 2, args.warmup or 3
-        ks, epochs = args.ks or [1, 2], args.epochs or 3
-        iters = 3 if args.iters is None else args.iters
-        max_train = batch * max(iters, warmup + steps)
-        compile_rows = []  # minutes of C++ compilation on a CPU
-        print("(torch.compile rows left out on CPU)", flush=True)
-    ratios: list[tuple[str, float]] = []
-    ref_rates: dict[str, float] = {}
-    clock = "CUDA events" if gpu else "wall clock"
-    if not args.skip_a:
-        print(f"\na) training images/s, edge-popup, batch {batch}, {steps} steps timed after "
-              f"{warmup} warm-up steps ({clock})\n{A_HEAD}\n{'-' * len(A_HEAD)}", flush=True)
-        ratios += part_a(models_a, VARIANTS, ref_rates, batch, steps, warmup, device, budget, max_train)
-        reset_memory(device)  # (a)'s cached blocks would otherwise count against (b)'s trials
-    if not args.skip_b:
-        ratios += part_b(models_b, ks, epochs, iters, batch, gpu, budget, max_train, batch_eval)
-    if not args.skip_a and compile_rows:
-        print(f"\na, continued) torch.compile, compilation in the warm-up\n{A_HEAD}\n"
-              f"{'-' * len(A_HEAD)}", flush=True)
-        part_a(models_a, compile_rows, ref_rates, batch, steps, warmup, device, budget, max_train)
-    print()
-    for what, value in ratios:
-        print(f"ratio {what}: {value:.2f}")
-    print(f"total {budget.elapsed():.0f} s", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    except FileNotFoundError:
+        pass
+    return rows
