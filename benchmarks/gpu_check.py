@@ -1147,11 +1147,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## Training images/s (edge-popup, synthetic CIFAR-10)", "", f"Batch {plan['batch']}, "
                   f"{plan['steps']} steps timed after {plan['warmup']} warm-up steps.", ""]
         head = ["model", "pipeline", "images/s", "vs reference", "peak allocated MB", "peak reserved MB",
-                "process GPU MB (NVML)"]
+                "process GPU MB (NVML)", "note"]
         lines += _table(head, [
             [r["model"], r["pipeline"], _fmt(r.get("images_per_s"), 0), _fmt(r.get("vs_reference"), 2, "x")]
             + [_fmt(r.get(k), 0) for k in ("peak_allocated_mb", "peak_reserved_mb", "gpu_peak_mb")]
-            for r in rows])
+            + [r.get("note", "")] for r in rows])
     rows = [r for r in part_rows(report, "step") if "ratio" in r]
     if rows:
         lines += ["## Where a step's time goes", "", "Medians of alternating blocks; the mask selection is "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -375,18 +376,24 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
 
 def throughput_rows(emit: Emit, model: str, device: str, cpus: int, batch: int, steps: int, warmup: int,
                     max_train: Optional[int]) -> None:
-    """The reference-style pipeline, then ours with the defaults and each runtime option."""
+    """The reference-style pipeline (where torchvision and Pillow are there to build it), then
+    ours with the defaults and each runtime option."""
     dev = torch.device(device)
     claim_resources(cpus, 1.0 if device == "cuda" else 0.0)
-    ref = reference(model, batch, steps, warmup, dev)
-    emit(dict(model=model, pipeline=REFERENCE_LABEL, options={}, vs_reference=1.0, **ref))
+    missing = [m for m in ("torchvision", "PIL") if importlib.util.find_spec(m) is None]
+    if missing:
+        ref = dict(images_per_s=None, note=f"not measured: {' and '.join(missing)} not importable here")
+    else:
+        ref = reference(model, batch, steps, warmup, dev)
+    emit(dict(model=model, pipeline=REFERENCE_LABEL, options={}, vs_reference=1.0 if not missing else None,
+              **ref))
     for label, options in VARIANTS:
         if device == "cpu" and label not in CPU_VARIANTS:
             continue
         got = ours(model, options, batch, steps, warmup, dev, max_train)
         rate = got["images_per_s"]
         emit(dict(model=model, pipeline=label, options=dict(options),
-                  vs_reference=rate / ref["images_per_s"] if rate else None, **got))
+                  vs_reference=rate / ref["images_per_s"] if rate and ref["images_per_s"] else None, **got))
 
 
 def compile_row(emit: Emit, model: str, device: str, cpus: int, batch: int, steps: int, warmup: int,

@@ -384,3 +384,19 @@ def test_aggregate_counts_only_the_window_where_all_trials_run():
     apart = [_rows(100.0, [1.0, 1.0]), _rows(200.0, [1.0, 1.0])]
     total, _, overlapped = bench.aggregate_rate(apart)
     assert not overlapped and total == pytest.approx(2000)
+
+
+def test_throughput_without_torchvision_still_measures_ours(monkeypatch):
+    # A bare GPU box may lack torchvision or Pillow: the reference row says so, ours still run.
+    bench = _bench()
+    real = bench.importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None if name == "PIL" else real(name))
+    rows = []
+    threads = torch.get_num_threads()
+    try:
+        bench.throughput_rows(rows.append, "conv6x0.25", "cpu", 1, batch=8, steps=1, warmup=1, max_train=16)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["pipeline"] for r in rows] == [bench.REFERENCE_LABEL, *bench.CPU_VARIANTS]
+    assert rows[0]["images_per_s"] is None and rows[0]["note"] == "not measured: PIL not importable here"
+    assert all(r["images_per_s"] > 0 and r["vs_reference"] is None for r in rows[1:])
