@@ -26,6 +26,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from iterand_tune.runs import SEARCH, Run, TrialRecord, read_run
+from iterand_tune.search_plan import best_rows
 from iterand_tune.storage import is_uri, join_path, open_storage, read_text
 from iterand_tune.vocabulary import DIVERGED, POINT_LABELS, VALIDATION_METRIC
 
@@ -633,22 +634,28 @@ def _what_was_run(run: Run, results: pd.DataFrame) -> dict[str, Any]:
 
 def _nodes(trials: Sequence[TrialRecord]) -> list[dict[str, Any]]:
     """What the reports say of the machines: Ray's host name and IP, our node id, and whether
-    the epochs ran on a CUDA device (they then report its peak memory). GPU and CPU models are
-    not recorded by a run."""
+    the epochs ran on a CUDA device (they then report its peak memory); the GPU or CPU model each
+    trial reports (`device_name`; runs before it was reported: "not recorded")."""
     nodes: dict[str, dict[str, Any]] = {}
     for t in trials:
         for r in t.rows:
             key = str(r.get("node_id") or r.get("hostname") or "unknown")
             n = nodes.setdefault(key, dict(node_id=r.get("node_id"), hostname=r.get("hostname"),
-                                           ip=r.get("node_ip"), trials=set(), epochs=0, peak=None))
+                                           ip=r.get("node_ip"), trials=set(), epochs=0, peak=None,
+                                           name=None))
+            n["name"] = r.get("device_name") or n["name"]
             n["trials"].add(t.trial_id)
             n["epochs"] += 1
             if r.get("peak_gpu_memory_mb") is not None:
                 n["peak"] = max(n["peak"] or 0.0, float(r["peak_gpu_memory_mb"]))
     out = []
     for n in nodes.values():
-        device = (f"CUDA GPU (peak {n['peak']:.0f} MiB allocated; model not recorded)"
-                  if n["peak"] is not None else "CPU (model not recorded)")
+        peak = f"peak {n['peak']:.0f} MiB allocated" if n["peak"] is not None else None
+        if n["name"]:
+            device = n["name"] + (f" ({peak})" if peak else "")
+        else:
+            device = (f"CUDA GPU ({peak}; model not recorded)" if peak
+                      else "CPU (model not recorded)")
         out.append(dict(host=n["hostname"] or "-", ip=n["ip"] or "-",
                         node_id=(n["node_id"] or "-")[:12], trials=len(n["trials"]),
                         epochs=n["epochs"], device=device))
@@ -726,7 +733,6 @@ def _figures(results: pd.DataFrame, kind: Optional[str]) -> dict[str, Any]:
 def _search(run: Run) -> dict[str, Any]:
     """Per point: every sample's searched values, epochs, best validation accuracy and where
     ASHA stopped it, and the configuration the search chose (its own rule)."""
-    from iterand_tune.search import best_rows  # imports Ray: only for a search's report
 
     marker = run.marker or {}
     rows, _, _ = best_rows(run)
@@ -816,17 +822,20 @@ def _cost(run: Run, results: pd.DataFrame) -> dict[str, Any]:
 
 
 def _gpu_share(t: TrialRecord, forced: Any, by_name: Mapping[str, Any]) -> tuple[float, str]:
-    """The GPU share a trial held, as the run requested it (iterand_tune.resources.trial_request),
-    counted only when its epochs ran on a CUDA device (they report its peak memory)."""
+    """The GPU share a trial held: what its reports say it was given (`gpu_share`), else as the
+    run requested it; counted only when its epochs ran on a CUDA device (they report its peak
+    memory)."""
     if not any(r.get("peak_gpu_memory_mb") is not None for r in t.rows):
         return 0.0, "CPU"
+    given = next((r["gpu_share"] for r in reversed(t.rows) if r.get("gpu_share") is not None), None)
+    if given is not None:
+        return float(given), "the trial's reports"
     if forced is not None:
         return float(forced), "--gpus-per-trial"
     chosen = (by_name.get(t.config.get("experiment")) or {}).get("gpus_per_trial")
     if chosen is not None:
         return float(chosen), "the experiment's gpus_per_trial"
-    from iterand_tune.resources import gpu_share  # torch: only for a GPU run without a set share
-    return gpu_share(t.config["model"], t.config["dataset"]), "the size rule (resources.gpu_share)"
+    return 0.0, "not recorded (a run before trials reported their share)"
 
 
 def _problems(run: Run) -> list[list[str]]:

@@ -1,13 +1,12 @@
-"""Hyperparameter search: figure points (an experiment times one combination of its grid axes
-other than the seed), the searcher and scheduler that give every point its own HyperOpt TPE and
-ASHA while all points share the cluster in one run (both rebuilt from the run's trials on resume),
-and the best configurations (Parquet + JSON) that `--from-search` reproduces. Search spaces are
-written with the Ray-free domains of `iterand_tune.search_space`.
+"""Hyperparameter search, run: the searcher and scheduler that give every figure point (planned,
+Ray-free, in `iterand_tune.search_plan`) its own HyperOpt TPE and ASHA while all points share the
+cluster in one run (both rebuilt from the run's trials on resume), and the best configurations
+(Parquet + JSON) that `--from-search` reproduces. Search spaces are written with the Ray-free
+domains of `iterand_tune.search_space`.
 """
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -22,11 +21,12 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.hyperopt import HyperOptSearch
 
-from .config import ExperimentError, TrialConfig
+from .config import ExperimentError
 from .experiments import Experiment
 from .ray_assumptions import ENDED, ERROR, trial_storage
 from .runs import ORDER_KEY, POINT_KEY, SAMPLE_KEY, SEEN_KEY, ReadError, Run, read_reports, read_run
-from .search_space import Domain, cast
+from .search_plan import (DEFAULT_NUM_SAMPLES, DEFAULT_REDUCTION_FACTOR, Point,  # noqa: F401
+                          best_row, best_rows, default_grace_period, points)
 from .storage import TRIAL_KEY, join_path, open_storage
 from .terminal import format_table
 from .tune.runner import grid_marker
@@ -36,60 +36,15 @@ from .vocabulary import VALIDATION_METRIC
 METRIC, MODE, TIME_ATTR = VALIDATION_METRIC, "max", "epoch"  # what TPE and ASHA optimise, ASHA's clock
 BEST_CONFIGS = "best_configs"       # best_configs.parquet / best_configs.json in the run's folder
 REPRODUCE_SEEDS = (1, 2, 3)
-DEFAULT_NUM_SAMPLES = 20            # trials per figure point
-DEFAULT_REDUCTION_FACTOR = 3
 
 
-# ------------------------------------------------------------------ figure points
-
-@dataclass(frozen=True)
-class Point:
-    """One figure point of a search: `experiment` holds every fixed value (first seed, no test
-    evaluation) and `space` the searched options."""
-    name: str
-    experiment: Experiment
-    space: Mapping[str, Domain]
-
-    @property
-    def epochs(self) -> int:
-        return int(self.experiment.config.get("epochs", TrialConfig.epochs))
-
-    def trial(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
-        """The full trial dict (TrialConfig fields + experiment) for sampled values."""
-        values = {k: self.space[k].clip(cast(k, v)) if k in self.space else v
-                  for k, v in sampled.items()}
-        cfg = TrialConfig.from_dict({**self.experiment.config, **values})
-        return {"experiment": self.experiment.name, **cfg.to_dict()}
-
-
-def points(experiments: Sequence[Experiment]) -> list[Point]:
-    """The figure points of the experiments that have a search space, in file order."""
-    out = []
-    for e in experiments:
-        if not e.search:
-            continue
-        axes = {k: v for k, v in e.grid.items() if k != "seed"}
-        seed = e.grid["seed"][0] if "seed" in e.grid else e.config.get("seed", TrialConfig.seed)
-        for combo in itertools.product(*axes.values()):
-            values = dict(zip(axes, combo))
-            label = ",".join(f"{k}={v}" for k, v in values.items())
-            name = f"{e.name}[{label}]" if label else e.name
-            fixed = e.replace(config={**e.config, **values, "seed": seed, "evaluate_test": False},
-                              grid={}, search={})
-            out.append(Point(name, fixed, dict(e.search)))
-    return out
-
+# ------------------------------------------------------------------ each point's TPE
 
 def point_seed(base_seed: int, point: str) -> int:
     """TPE's random_state_seed for a point: fixed by the base seed and the point's name only,
     so that adding or reordering points does not change another point's proposals."""
     digest = hashlib.sha256(f"{base_seed}:{point}".encode()).hexdigest()
     return int(digest[:8], 16) % (2**31 - 1)
-
-
-def default_grace_period(epochs: int) -> int:
-    """ASHA's first rung without --grace-period: a tenth of the training (at least one epoch)."""
-    return max(1, epochs // 10)
 
 
 def n_initial_points(num_samples: int) -> int:
@@ -347,59 +302,6 @@ class SearchRun:
     def summarize(self, run: Run, seconds: float) -> "SearchSummary":
         rows, missing, errored = best_rows(run)
         return SearchSummary(run.path, rows, missing, errored, seconds, skipped=run.notes())
-
-
-def best_rows(run: Run) -> tuple[list[dict[str, Any]], list[str], int]:
-    """The best row of every point of a search run (read by runs.read_run), the points without
-    one, and how many trials failed."""
-    marker = run.marker or {}
-    names = list(marker.get("points") or [])
-    trials: dict[str, list] = {n: [] for n in names}
-    errored = 0
-    for t in run.started:
-        if t.slot is None or t.slot[0] != "search":
-            continue
-        errored += t.status == "errored"
-        trials.setdefault(t.slot[1], []).append(({"experiment": t.config.get("experiment"),
-                                                   **t.config}, t.last, t.display or ""))
-    rows = []
-    for name in trials:
-        row = best_row(name, (marker.get("searched") or {}).get(name, []),
-                       int((marker.get("max_epochs") or {}).get(name, 0)), trials[name])
-        if row is not None:
-            rows.append(row)
-    missing = [n for n in trials if not any(r["point"] == n for r in rows)]
-    return rows, missing, errored
-
-
-def best_row(point: str, searched: Sequence[str], max_epochs: int,
-             trials: Sequence[tuple[dict, dict, str]]) -> Optional[dict[str, Any]]:
-    """The point's best trial: highest `best_val_acc` (its best validation accuracy over the
-    epochs it ran, stopped early or not); ties go to the trial that trained longer. A trial
-    that diverged (training loss not finite) is never the best: its configuration is unstable."""
-    scored = [(m["best_val_acc"], m.get("epoch", 0), -i, t, m) for i, (t, m, _) in enumerate(trials)
-              if m.get("best_val_acc") is not None and not m.get("diverged")]
-    if not scored:
-        return None
-    acc, epochs, _, trial, metrics = max(scored, key=lambda s: s[:3])
-    config = {k: v for k, v in trial.items() if k != "experiment"}
-    config["evaluate_test"] = True  # the reproduction reports test accuracy
-    cfg = TrialConfig.from_dict(config)
-    return {
-        "point": point,
-        "experiment": trial["experiment"],
-        "model": cfg.model,
-        "method": cfg.method,
-        "searched": {k: config[k] for k in searched if k in config},
-        "best_val_acc": float(acc),
-        "best_epoch": int(metrics.get("best_epoch") or 0),
-        "epochs_trained": int(epochs),
-        "max_epochs": max_epochs,
-        "trial_id": metrics.get("trial_id"),
-        "trials": len(trials),
-        "epochs_spent": int(sum(m.get("epoch", 0) or 0 for _, m, _ in trials)),
-        "config": cfg.to_dict(),
-    }
 
 
 @dataclass

@@ -1,15 +1,17 @@
-"""A search as planned, before Ray: its figure points (an experiment times one combination of its
-grid axes but the seed, with the experiment's search space) and the budget defaults. No Ray or
-HyperOpt here, so `--search --dry-run` needs neither; `iterand_tune.search` runs the plan.
+"""A search as planned and as it chose, without Ray: its figure points (an experiment times one
+combination of its grid axes but the seed, with its search space), the budget defaults, and each
+point's best configuration in a run read by runs.read_run. `--search --dry-run` and the report
+need neither Ray nor HyperOpt; `iterand_tune.search` runs the plan.
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from .config import TrialConfig
 from .experiments import Experiment
+from .runs import Run
 from .search_space import Domain, cast
 
 DEFAULT_NUM_SAMPLES = 20            # trials per figure point
@@ -57,3 +59,58 @@ def points(experiments: Sequence[Experiment]) -> list[Point]:
 def default_grace_period(epochs: int) -> int:
     """ASHA's first rung without --grace-period: a tenth of the training (at least one epoch)."""
     return max(1, epochs // 10)
+
+
+# ------------------------------------------------------------------ what a search chose
+
+def best_rows(run: Run) -> tuple[list[dict[str, Any]], list[str], int]:
+    """The best row of every point of a search run (read by runs.read_run), the points without
+    one, and how many trials failed."""
+    marker = run.marker or {}
+    names = list(marker.get("points") or [])
+    trials: dict[str, list] = {n: [] for n in names}
+    errored = 0
+    for t in run.started:
+        if t.slot is None or t.slot[0] != "search":
+            continue
+        errored += t.status == "errored"
+        trials.setdefault(t.slot[1], []).append(({"experiment": t.config.get("experiment"),
+                                                   **t.config}, t.last, t.display or ""))
+    rows = []
+    for name in trials:
+        row = best_row(name, (marker.get("searched") or {}).get(name, []),
+                       int((marker.get("max_epochs") or {}).get(name, 0)), trials[name])
+        if row is not None:
+            rows.append(row)
+    missing = [n for n in trials if not any(r["point"] == n for r in rows)]
+    return rows, missing, errored
+
+
+def best_row(point: str, searched: Sequence[str], max_epochs: int,
+             trials: Sequence[tuple[dict, dict, str]]) -> Optional[dict[str, Any]]:
+    """The point's best trial: highest `best_val_acc` (its best validation accuracy over the
+    epochs it ran, stopped early or not); ties go to the trial that trained longer. A trial
+    that diverged (training loss not finite) is never the best: its configuration is unstable."""
+    scored = [(m["best_val_acc"], m.get("epoch", 0), -i, t, m) for i, (t, m, _) in enumerate(trials)
+              if m.get("best_val_acc") is not None and not m.get("diverged")]
+    if not scored:
+        return None
+    acc, epochs, _, trial, metrics = max(scored, key=lambda s: s[:3])
+    config = {k: v for k, v in trial.items() if k != "experiment"}
+    config["evaluate_test"] = True  # the reproduction reports test accuracy
+    cfg = TrialConfig.from_dict(config)
+    return {
+        "point": point,
+        "experiment": trial["experiment"],
+        "model": cfg.model,
+        "method": cfg.method,
+        "searched": {k: config[k] for k in searched if k in config},
+        "best_val_acc": float(acc),
+        "best_epoch": int(metrics.get("best_epoch") or 0),
+        "epochs_trained": int(epochs),
+        "max_epochs": max_epochs,
+        "trial_id": metrics.get("trial_id"),
+        "trials": len(trials),
+        "epochs_spent": int(sum(m.get("epoch", 0) or 0 for _, m, _ in trials)),
+        "config": cfg.to_dict(),
+    }

@@ -41,10 +41,14 @@ LATE_IMPORTS = {
     ("cli", "iterand_tune.training.Trainer"): "torch: only `train` trains, not its --help",
     ("cli", "iterand_tune.data.DataError"): "torch: only a trial or a started run reads data",
     ("cli", "iterand_tune.tune"): "train, --help and --dry-run work without Ray",
+    ("cli", "analysis.report.REPORT_FILE"): "--report: pandas and matplotlib only when asked for",
+    ("cli", "analysis.report.build_report"): "the same",
+    ("cli", "analysis.results.write_bytes"): "the same package",
     ("cli", "iterand_tune.search"): "only a search needs Ray Tune's searchers and HyperOpt",
 }
 # What the analysis package may use of iterand_tune.
-ANALYSIS_USES = {"vocabulary", "storage", "terminal", "config", "runs", "ray_assumptions"}
+ANALYSIS_USES = {"vocabulary", "storage", "terminal", "config", "runs", "ray_assumptions",
+                 "search_plan", "experiments", "resources", "search_space", "gpu_shares"}
 
 
 def _modules(root: str, package: str) -> dict[str, str]:

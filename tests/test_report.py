@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 import math
 import os
 import re
@@ -198,7 +199,9 @@ def test_the_report_of_a_digits_run_has_every_section_and_fetches_nothing(digits
     assert "this run trains on digits; the claim is about ImageNet." in words
     assert "Figure 2: test accuracy against parameters after pruning" in words
     assert "CPU run: no trial trained on a GPU, so 0 GPU-hours." in words
-    assert digits_run.file in words and "ray 2.60" in words and "cuda not recorded" in words
+    cuda = json.loads((Path(digits_run.path) / "run.json").read_text())["versions"]["cuda"]
+    assert digits_run.file in words and "ray 2.60" in words
+    assert f"cuda {cuda if cuda else 'not recorded'}" in words  # torch's CUDA, in run.json
     assert "Trials that failed, diverged or were stopped None." in words
     for experiment in digits_run.experiments:
         assert experiment in words

@@ -227,6 +227,15 @@ def test_scheduler_rebuilt_from_the_reports_in_storage(tmp_path):
         live.on_trial_result(None, newcomer, {"epoch": 1, "val_acc": 51.0}) == TrialScheduler.STOP
 
 
+def test_figure_points_live_in_search_plan_alone():
+    """--search --dry-run plans without Ray (search_plan); the search uses the same objects."""
+    import iterand_tune.search as search
+    import iterand_tune.search_plan as plan
+
+    assert search.points is plan.points and search.Point is plan.Point
+    assert search.default_grace_period is plan.default_grace_period
+
+
 def test_grace_period_and_initial_points_defaults():
     assert [default_grace_period(e) for e in (1, 9, 10, 100)] == [1, 1, 1, 10]
     assert [n_initial_points(n) for n in (1, 8, 20, 200)] == [2, 2, 5, 20]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import ray
+import torch
 from ray import tune
 
 from .. import ray_assumptions as ray_env
@@ -118,8 +119,9 @@ def _run(opts: RunOptions, echo: Callable[[str], None], search: Any, interrupts:
             tuner = tune.Tuner.restore(opts.path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
-            if plan is None:
-                write_marker(opts.path, opts.marker)  # before the first trial: what this run is
+            if plan is None:  # before the first trial: what this run is
+                write_marker(opts.path, {**opts.marker, "versions": {
+                    **(opts.marker.get("versions") or {}), "cuda": torch.version.cuda}})
             tuner = _tuner(opts, trainable, echo, search, plan.done if plan else [])
         start = time.time()
         interrupts.fitting = True
