@@ -17,7 +17,7 @@ install: $(STAMP)
 # A miniature figure 2 on digits as one Ray Tune run on this machine's CPUs: SGD, edge-popup
 # and IteRand on Conv6 x0.25 / x0.5, two seeds, 12 trials (about 2 minutes on 2 cores).
 quickstart: install
-	$(PY) -m iterand_tune experiments/quickstart.py
+	$(PY) -m iterand_tune experiments/quickstart.py --report
 
 # Two pytest-xdist workers, so that both cores stay busy: the tests that share the session's Ray
 # instance run in one, the rest in the other (tests/conftest.py). TEST_WORKERS=0: one process.

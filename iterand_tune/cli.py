@@ -114,6 +114,10 @@ def _add_session_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (--name, else the newest run of FILE) with "
                         "the options it started with (its run.json)")
+    p.add_argument("--report", action="store_true",
+                   help="when the run ends (also after an interruption), write its reproduction "
+                        "report, one self-contained HTML page, to RUN/report.html "
+                        "(docs/analysis.md; any time later: python -m analysis report RUN)")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
                    help="what the run prints while it runs: 0 no progress lines, only the final "
                         "table; 1 a line per finished trial and the progress with an ETA "
@@ -397,6 +401,7 @@ def _run_grid(args: argparse.Namespace, opts: Any, n_experiments: int) -> int:
     print(f"tables and figures: python -m analysis table {summary.path}; "
           f"python -m analysis figure2 {summary.path} -o figure2.png")
     _tracking_notes(summary.path)
+    _report(args, summary.path)
     return _grid_exit_code(summary, args, opts.name)
 
 
@@ -485,8 +490,29 @@ def _interrupted(summary: Any, args: argparse.Namespace, name: str) -> int:
     print()
     print(summary.table())
     print(f"\nresults so far: {summary.path}  ({summary.seconds:.0f} s)")
+    _report(args, summary.path)
     print(f"continue with: {_resume_command(args, name)}", flush=True)
     return 130
+
+
+def _report(args: argparse.Namespace, run_path: str) -> None:
+    """--report: the run's reproduction report, named on its own line. A report that cannot be
+    written is a note, never the run's failure: `python -m analysis report RUN` retries it."""
+    if not args.report:
+        return
+    from analysis.report import REPORT_FILE, build_report  # pandas, matplotlib: only here
+    from analysis.results import write_bytes  # the same package: the report's writer
+
+    try:
+        report = build_report(run_path)
+        where = join_path(run_path, REPORT_FILE)
+        write_bytes(report.html.encode("utf-8"), where)
+        verdict = report.summary
+    except Exception as err:  # noqa: BLE001 - the run's results are safe; the report is extra
+        print(f"note: no report written ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+              f"try: python -m analysis report {run_path}", file=sys.stderr)
+        return
+    print(f"report: {where}  ({verdict}; open it in a browser)", flush=True)
 
 
 def _tracking(args: argparse.Namespace) -> Tracking:
@@ -595,6 +621,7 @@ def _run_search(run: Any, args: argparse.Namespace, opts: Any) -> int:
     if written:
         print(f"best configurations: {written[0]} (and .json); reproduce them with: "
               f"python -m iterand_tune {args.file} --from-search {summary.path}")
+    _report(args, summary.path)
     if not summary.ok:
         print(f"error: {len(summary.missing)} figure point(s) have no result "
               f"({', '.join(summary.missing[:3])}); see error.txt under {summary.path}, then "

@@ -59,7 +59,7 @@ DOCS = sorted([os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "d
 EXPERIMENTS_MD = os.path.join(ROOT, "docs", "experiments.md")
 ANALYSIS_MD = os.path.join(ROOT, "docs", "analysis.md")
 
-ANALYSIS_COMMANDS = ("table", "figure1", "figure2", "figure3")
+ANALYSIS_COMMANDS = ("table", "figure1", "figure2", "figure3", "report")
 OPTION = re.compile(r"(?<![\w-])--[A-Za-z][A-Za-z0-9-]*")
 PYTHON = r"(?<![\w./~-])(?:[\w./~-]*/)?python[\d.]*\s+-m\s+"
 INVOCATION = re.compile(

@@ -150,10 +150,11 @@ def check_resumed(kind, mc, run_dir, out, reference):
         if mc == 1:  # the order of results is fixed: the same samples, the same best configs
             ref = {t.slot: t.config["lr"] for t in read_run(reference.path).trials}
             assert {t.slot: t.config["lr"] for t in run.trials} == ref
-            with open(os.path.join(reference.path, "best_configs.json")) as f:
-                best = json.load(f)
-            with open(os.path.join(run_dir, "best_configs.json")) as f:
-                assert json.load(f) == best
+            def best(folder):  # trial ids are drawn afresh by every run: not compared
+                with open(os.path.join(folder, "best_configs.json")) as f:
+                    return [{k: v for k, v in row.items() if k != "trial_id"} for row in json.load(f)]
+
+            assert best(run_dir) == best(reference.path)
     for t in run.trials:  # every epoch once, in order
         assert [r["epoch"] for r in t.rows] == list(range(1, len(t.rows) + 1)), (t.slot, t.rows)
 
@@ -189,13 +190,19 @@ def test_a_run_with_every_state_unreadable_is_rebuilt_without_training_again(dig
     shutil.copytree(digits_run.path, run)
     for state in run.glob("experiment_state-*.json"):
         state.write_text(state.read_text()[:200])
-    before = {p.name: (p / "result.json").read_text() for p in run.iterdir() if "-seed" in p.name}
+    before = {p.name: (p / "result.json").read_text() for p in run.iterdir()
+              if "-seed" in p.name and p.is_dir()}
     rc, out, err = run_here([digits_run.file, "--storage-path", str(tmp_path / "results"),
-                             "--name", "packing", "--resume"])
+                             "--name", "packing", "--resume", "--report"])
     assert rc == 0, out + err
+    # --report: the run's last lines name its report, written into the run's folder.
+    assert re.search(rf"^report: {re.escape(str(run))}/report.html  \(run finished, 8 of 8 "
+                     r"trials ended; claims: .*; open it in a browser\)$", out, re.M), out
+    assert (run / "report.html").read_text().startswith("<!DOCTYPE html>")
     assert re.search(r"experiment_state-\S+\.json is unreadable: rebuilt from the trial folders; "
                      r"8 finished trial\(s\) kept", out), out
     assert table_of(out) == table_of(digits_run.out)
-    after = {p.name: (p / "result.json").read_text() for p in run.iterdir() if "-seed" in p.name}
+    after = {p.name: (p / "result.json").read_text() for p in run.iterdir()
+             if "-seed" in p.name and p.is_dir()}
     assert after == before  # nothing trained again, no new folder
     assert not re.search(r"^\[\d+/8\]", out, re.M)  # no trial ran
