@@ -11,6 +11,7 @@ import socket
 import uuid
 from typing import Any, Callable, Optional, Sequence
 
+from . import gpu_shares
 from .storage import RunError, absolute, is_uri
 from .vocabulary import DATASETS
 
@@ -48,7 +49,12 @@ def _gmacs(model: str, dataset: str) -> float:
 
 
 def gpu_share(model: str, dataset: str) -> float:
-    """The GPU fraction 1/k a trial of `model` on `dataset` gets by default."""
+    """The GPU fraction 1/k a trial of `model` on `dataset` gets by default: its entry in the
+    table iterand_tune/gpu_shares.json (measured by `benchmarks/gpu_check.py --write-shares`,
+    or estimated by the rule below), else by the network's forward MACs (GPU_SHARES)."""
+    share = gpu_shares.lookup(model, dataset)
+    if share is not None:
+        return share
     gmacs = _gmacs(model, dataset)
     return next(share for limit, share in GPU_SHARES if gmacs <= limit)
 

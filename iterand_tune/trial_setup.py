@@ -28,6 +28,8 @@ def claim_resources(cpus: float, gpus: float, use_cuda: bool = True,
     many trials). `torch.cuda.get_per_process_memory_fraction(0)` reads it back.
     """
     torch.set_num_threads(max(1, int(cpus)))
+    # torch.compile's Inductor starts a worker per core: k packed trials would each take them all.
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, int(cpus)))
     if not _on_cuda(gpus, use_cuda):
         return "cpu", 1  # a logical GPU without CUDA (tests) also lands here
     cap = _memory_cap(gpus, context_reserve_mb)

@@ -19,8 +19,8 @@ RAY_FIXTURES = ("ray_cluster", "digits_run")
 # `make test` runs the suite in two pytest-xdist workers (`-n 2`). The modules that use the
 # session's Ray instance (RAY_FIXTURES) form one unit of work, so that only one worker starts it
 # and the shared run; every other module is a unit of its own. The units are handed out in this
-# order, the longest first (the session-Ray unit to one worker, the modules that start a Ray of
-# their own to the other), then the other modules in their usual order. A worker is handed its
+# order, the longest first (the session-Ray unit to one worker; the simulated cluster, the S3 run
+# and the GPU check, which start processes of their own, to the other), then the other modules in their usual order. A worker is handed its
 # next unit while its last two tests run, so the units that come last are the short ones.
 SESSION_RAY_MODULES = ("tests/test_analysis.py", "tests/test_ray_assumptions.py", "tests/test_report.py",
                        "tests/test_resume_loops.py", "tests/test_search.py", "tests/test_tracking.py",
