@@ -21,8 +21,8 @@ from iterand_tune.terminal import OneLineParser, UsageError, fmt, format_table, 
 
 from .figures import FIGURES, save
 from .report import REPORT_FILE, build_report, load_claims
-from .results import (ResultsError, aggregate, load_history, load_results, read_parquet, to_csv,
-                      to_parquet, write_bytes)
+from .results import (ResultsError, aggregate, load_history, load_results, read_parquet,
+                      skipped_folders, to_csv, to_parquet, write_bytes)
 
 TABLE_FORMATS = (".csv", ".parquet")
 FIGURE_FORMATS = (".png", ".pdf", ".svg")
@@ -109,6 +109,12 @@ def _epochs_text(df: pd.DataFrame) -> list[tuple[str, ...]]:
     return [head, *body]
 
 
+def _skipped(path: str) -> list[str]:
+    """The run's folders that hold a second copy of a trial and were not counted (as the run's
+    own summary names them); none for a Parquet table."""
+    return [] if path.lower().endswith(".parquet") else skipped_folders(path)
+
+
 def _status_line(trials: pd.DataFrame) -> str:
     counts = trials["status"].fillna("unknown").value_counts()
     return f"{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items())
@@ -137,6 +143,7 @@ def _table(args: argparse.Namespace) -> int:
             footer += [f"not finished (left out of the means): {p['model']} "
                        f"{p['experiment']}: {p['missing']}"
                        for _, p in df.iterrows() if p["excluded"] > 0]
+    footer += [f"note: {line}" for line in _skipped(args.results)]
     print(text)
     print()
     print("\n".join(footer))
@@ -153,6 +160,8 @@ def _figure(args: argparse.Namespace) -> int:
     fig = FIGURES[args.command](trials)
     save(fig, output)
     print(f"wrote {output} ({_status_line(trials)})")
+    for line in _skipped(args.results):
+        print(f"note: {line}")
     return 0
 
 

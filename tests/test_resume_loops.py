@@ -206,3 +206,34 @@ def test_a_run_with_every_state_unreadable_is_rebuilt_without_training_again(dig
              if "-seed" in p.name and p.is_dir()}
     assert after == before  # nothing trained again, no new folder
     assert not re.search(r"^\[\d+/8\]", out, re.M)  # no trial ran
+
+
+@pytest.mark.resume_loop
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_search_stopped_three_times_chooses_as_one_never_stopped(files, references, ray_cluster,
+                                                                    tmp_path):
+    """One trial at a time (the order of results fixed), Ctrl-C after the 1st, 3rd and 5th of six
+    trials ended, resumed each time: the same samples and best configurations as the
+    uninterrupted search with the same --search-seed."""
+    reference = references("search", 1)
+    argv = argv_of(files, "search", tmp_path / "r", "run", ray_cluster, 1)
+    run_dir = tmp_path / "r" / "run"
+
+    def ended_at_least(n):
+        return lambda: sum(s in ("TERMINATED", "ERROR") for s, _ in
+                           trial_states(str(run_dir)).values()) >= n if run_dir.is_dir() else False
+
+    for i, n in enumerate((1, 3, 5)):
+        proc = subprocess.Popen([sys.executable, "-m", "iterand_tune", *argv, *(["--resume"] if i else [])],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for(ended_at_least(n), proc, f"{n} trials ended", timeout=300)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            out = proc.communicate(timeout=180)[0]
+        assert proc.returncode == 130, out[-3000:]
+    done = subprocess.run([sys.executable, "-m", "iterand_tune", *argv, "--resume"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    check_resumed("search", 1, run_dir, done.stdout, reference)

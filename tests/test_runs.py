@@ -176,3 +176,24 @@ def test_marker_round_trip_and_unreadable_paths(tmp_path):
     (tmp_path / "empty" / "old" / "run.json").write_text("{}")
     with pytest.raises(ReadError, match="it holds runs: old"):
         read_run(str(tmp_path / "empty"))
+
+
+def test_every_reader_counts_a_duplicate_folder_once_and_says_so(tmp_path, capsys):
+    """A grid point with two folders (an older version's resume could leave one): the run reader,
+    `python -m analysis table` (points and trials), a figure and the report count one trial and
+    name the other folder."""
+    from analysis.cli import main as analysis_main
+    from analysis.results import load_history, load_results
+
+    run = grid_run(tmp_path)
+    assert len(load_results(str(run))) == 3 and set(load_history(str(run))["trial_id"]) == {"aaa", "bbb"}
+    for argv in (["table", str(run)], ["table", str(run), "--rows", "trials"],
+                 ["figure2", str(run), "-o", str(tmp_path / "f.png")]):
+        assert analysis_main(argv) == 0
+        out = capsys.readouterr().out
+        assert out.count("seed2-ccc") == 1 and "note: skipped" in out, (argv, out)
+        assert "ccc " not in out.replace("seed2-ccc", "")
+    from analysis.report import build_report
+
+    html = build_report(str(run)).html
+    assert html.count("skipped ") == 1 and "seed2-ccc" in html
