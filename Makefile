@@ -15,7 +15,8 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 # A miniature figure 2 on digits as one Ray Tune run on this machine's CPUs: SGD, edge-popup
-# and IteRand on Conv6 x0.25 / x0.5, two seeds, 12 trials (about 2 minutes on 2 cores).
+# and IteRand on Conv6 x0.25 / x0.5, two seeds, 12 trials; --report ends it
+# with the run's report.html.
 quickstart: install
 	$(PY) -m iterand_tune experiments/quickstart.py --report
 
@@ -26,8 +27,8 @@ test: install
 	$(PY) -m pytest -n $(TEST_WORKERS) -m "not resume_loop"
 
 # Every kind of run (grid, search) with one and two trials at a time, its driver killed or
-# stopped with Ctrl-C at four moments, then resumed (tests/test_resume_loops.py, about 40
-# minutes on 2 cores). REPEAT=20 runs the whole set that many times in a row.
+# stopped with Ctrl-C at four moments, then resumed (tests/test_resume_loops.py; pytest
+# prints the time each set took). REPEAT=20 runs the whole set that many times in a row.
 REPEAT ?= 1
 test-resume: install
 	for i in $$(seq $(REPEAT)); do $(PY) -m pytest -n 0 -m resume_loop -x -q || exit 1; done

@@ -6,7 +6,7 @@ epochs (in this process, two at a time); the search runs `iterand_tune.search` t
 (one TPE and one ASHA for the point, Choice domains over the same values) with fewer trials.
 Prints the epochs each one spent, their ratio, and the validation accuracy (best over the epochs,
 as the search ranks trials) of each one's chosen configuration, measured by the grid's full
-training. Measured on a 2-core CPU machine: a few minutes.
+training; it prints how long each took.
     python benchmarks/search_efficiency.py [--num-samples 16] [--epochs 8] [--grace-period 2]
 ASHA's first rung is at epoch 2, not 1: after one epoch the large learning rates that end best
 still look worst (short-horizon bias), and a first rung there stops them.

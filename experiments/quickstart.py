@@ -1,7 +1,7 @@
 """Quickstart: a miniature figure 2 on scikit-learn's handwritten digits (no download, CPU).
 
 SGD (KU), edge-popup (KU) and IteRand (KU) on Conv6 at widths 0.25 and 0.5, seeds 1 and 2:
-3 methods x 2 widths x 2 seeds = 12 trials of 6 epochs; about 2 minutes on 2 CPU cores.
+3 methods x 2 widths x 2 seeds = 12 trials of 6 epochs, on CPU cores (the run prints its ETA).
 Digits checks the machinery, not the paper's claim: see NOTE.
 Digits has 1,257 training images, 20 iterations an epoch at batch 64, so K_per is scaled from
 the paper's 300 (of 352 an epoch on CIFAR-10) to 10: IteRand re-randomises 12 times.

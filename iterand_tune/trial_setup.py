@@ -90,8 +90,8 @@ def quiet_worker() -> None:
     Tune's and Ray Train's INFO lines go to the worker's log file only (Ray forwards what reaches
     the console to the driver's terminal), and so does nothing of a worker being stopped: Ray's
     SIGTERM handler raises SystemExit, and when that lands in a finalizer or weakref callback
-    Python prints "Exception ignored in ..." with a traceback (seen at the end of runs on a
-    loaded machine). Ray runs it once, as the worker starts: it is the process's setup for its
+    Python prints "Exception ignored in ..." with a traceback (a worker stopped at the end of a
+    run while it was busy). Ray runs it once, as the worker starts: it is the process's setup for its
     whole life, not a trial's, so nothing undoes it."""
     for name in ("ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
