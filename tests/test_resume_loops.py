@@ -155,6 +155,7 @@ def check_resumed(kind, mc, run_dir, out, reference):
                     return [{k: v for k, v in row.items() if k != "trial_id"} for row in json.load(f)]
 
             assert best(run_dir) == best(reference.path)
+            assert table_of(out) == table_of(reference.out)  # the search's table, as printed
     for t in run.trials:  # every epoch once, in order
         assert [r["epoch"] for r in t.rows] == list(range(1, len(t.rows) + 1)), (t.slot, t.rows)
 
