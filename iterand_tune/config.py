@@ -21,6 +21,7 @@ LR_SCHEDULERS = ("CustomCosineLR", "MultiStepLR")
 RERAND_MODES = ("bernoulli", "manual")
 RERAND_FREQ_UNITS = ("iteration", "epoch")
 AUTOCAST_DTYPES = ("bf16",)
+IMAGENET_DECODERS = ("device", "pil")
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,9 @@ class TrialConfig:
     batch_size: int = 128
     batch_size_eval: int = 512
     num_workers: int = 4                # DataLoader workers, ImageNet only
+    # ImageNet's JPEGs: "device" decodes them (torchvision.io.decode_jpeg, nvJPEG on CUDA) and crops
+    # them on the trial's device; "pil" decodes and crops with PIL in the DataLoader workers.
+    imagenet_decode: Optional[str] = None  # None: "device" on CUDA, "pil" on CPU
 
     # -- optimisation ------------------------------------------------------------------
     epochs: int = 100
@@ -69,6 +73,9 @@ class TrialConfig:
     bn_affine: bool = True              # true for SGD runs, false for edge-popup / IteRand
     bn_track_running_stats: bool = True
     bn_momentum: float = 0.1
+    # BatchNorm statistics over each of bn_splits equal parts of a training batch, as the
+    # original's bn_splits-GPU DataParallel computes them on one device (docs/method.md section 4).
+    bn_splits: int = 1
     conv_sparsity: float = 0.0          # p: fraction of each prunable layer pruned
     linear_sparsity: Optional[float] = None  # replaces p for the last classifier layer
     init_mode: str = "kaiming_uniform"
@@ -257,6 +264,7 @@ def _check_data(cfg: TrialConfig) -> None:
     for name in ("batch_size", "batch_size_eval", "epochs"):
         _check(getattr(cfg, name) >= 1, name, getattr(cfg, name), "must be >= 1")
     _check(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "must be >= 0")
+    _choice(cfg, "imagenet_decode", IMAGENET_DECODERS, optional=True)
 
 
 def _check_optimisation(cfg: TrialConfig) -> None:
@@ -294,6 +302,8 @@ def _check_schedule(cfg: TrialConfig) -> None:
 def _check_network(cfg: TrialConfig) -> None:
     """Batch norm, sparsity (none for the dense SGD baseline) and initialisations."""
     _check(0.0 <= cfg.bn_momentum <= 1.0, "bn_momentum", cfg.bn_momentum, "must be in [0, 1]")
+    _check(1 <= cfg.bn_splits <= cfg.batch_size, "bn_splits", cfg.bn_splits,
+           f"must be >= 1 and at most batch_size ({cfg.batch_size}): every part needs an image")
     _check(0.0 <= cfg.conv_sparsity < 1.0, "conv_sparsity", cfg.conv_sparsity, "must be in [0, 1)")
     if cfg.linear_sparsity is not None:
         _check(0.0 <= cfg.linear_sparsity < 1.0, "linear_sparsity", cfg.linear_sparsity,

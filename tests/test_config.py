@@ -494,3 +494,41 @@ def test_config_datasets_are_the_data_modules():
     assert TrialConfig(dataset="synthetic_cifar10").dataset == "synthetic_cifar10"
     for name in DATASETS:
         assert TrialConfig(dataset=name).dataset == name
+
+
+# ---------------------------------------------------------------- ImageNet pipeline options
+
+
+def test_imagenet_options_default_to_one_part_and_the_device_deciding_the_decoder():
+    cfg = TrialConfig()
+    assert (cfg.bn_splits, cfg.imagenet_decode) == (1, None)
+
+
+@pytest.mark.parametrize("options", [
+    dict(bn_splits=2), dict(bn_splits=128, batch_size=128), dict(imagenet_decode="device"),
+    dict(imagenet_decode="pil"), dict(dataset="imagenet", imagenet_decode="device", bn_splits=2),
+])
+def test_imagenet_options_are_accepted_and_round_trip(options):
+    cfg = TrialConfig(**options)
+    assert all(getattr(cfg, k) == v for k, v in options.items())
+    assert TrialConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("options, field, match", [
+    (dict(bn_splits=0), "bn_splits", "must be >= 1 and at most batch_size (128)"),
+    (dict(bn_splits=9, batch_size=8), "bn_splits", "at most batch_size (8): every part needs an image"),
+    (dict(bn_splits=2.0), "bn_splits", "must be int"),
+    (dict(imagenet_decode="gpu"), "imagenet_decode", "'device', 'pil' or None"),
+    (dict(imagenet_decode=True), "imagenet_decode", "must be str or None"),
+])
+def test_bad_imagenet_options_are_refused(options, field, match):
+    with pytest.raises(ConfigError) as excinfo:
+        TrialConfig(**options)
+    assert str(excinfo.value).startswith(f"TrialConfig.{field}") and match in str(excinfo.value)
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("bn_splits", "2", 2), ("imagenet_decode", "device", "device"), ("imagenet_decode", "none", None),
+])
+def test_parse_imagenet_options(name, text, expected):
+    assert parse_value(name, text) == expected
