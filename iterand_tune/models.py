@@ -1,5 +1,6 @@
 """The paper's networks (docs/method.md, networks): Conv6 and ResNet18/34/50/101 at any width, built from
-supermask layers, a name registry (`create_model`) and parameter counting.
+supermask layers, BatchNorm over parts of a batch (SplitBatchNorm2d), a name registry (`create_model`)
+and parameter counting.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class Layers:
     bn_affine: bool = True
     bn_track_running_stats: bool = True
     bn_momentum: float = 0.1
+    bn_splits: int = 1
 
     @classmethod
     def from_config(cls, cfg: "TrialConfig") -> "Layers":
@@ -42,7 +44,7 @@ class Layers:
             init_mode=cfg.init_mode, init_mode_linear=cfg.init_mode_linear, init_scale=cfg.init_scale,
             init_mode_mask=cfg.init_mode_mask, init_scale_score=cfg.init_scale_score,
             bn_affine=cfg.bn_affine, bn_track_running_stats=cfg.bn_track_running_stats,
-            bn_momentum=cfg.bn_momentum)
+            bn_momentum=cfg.bn_momentum, bn_splits=cfg.bn_splits)
 
     def _score_kwargs(self) -> dict:
         return dict(init_mode_mask=self.init_mode_mask, init_scale_score=self.init_scale_score)
@@ -61,8 +63,45 @@ class Layers:
                             init_scale=self.init_scale, **self._score_kwargs())
 
     def bn(self, channels: int) -> nn.BatchNorm2d:
-        return nn.BatchNorm2d(channels, momentum=self.bn_momentum, affine=self.bn_affine,
-                              track_running_stats=self.bn_track_running_stats)
+        kwargs = dict(momentum=self.bn_momentum, affine=self.bn_affine,
+                      track_running_stats=self.bn_track_running_stats)
+        if self.bn_splits > 1:
+            return SplitBatchNorm2d(channels, splits=self.bn_splits, **kwargs)
+        return nn.BatchNorm2d(channels, **kwargs)
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose batch statistics are those of each of `splits` parts of the batch, as
+    nn.DataParallel over `splits` GPUs computes them (docs/method.md section 4).
+
+    The parts are `x.chunk(splits)`, DataParallel's scatter. Each is normalised by its own mean
+    and variance; only the first part updates the running statistics (and num_batches_tracked):
+    DataParallel's replica on the first GPU shares the module's buffers, the others update
+    copies that are thrown away after the step. The gradients are those of the replicas summed,
+    which is what autograd gives for one loss over the concatenated outputs. Batch statistics
+    are split in evaluation too when there are no running statistics to use. Parameters and
+    buffers are BatchNorm2d's, so checkpoints load either way.
+    """
+
+    def __init__(self, num_features: int, *, splits: int, **kwargs: Any) -> None:
+        super().__init__(num_features, **kwargs)
+        if splits < 1:
+            raise ValueError(f"splits must be >= 1, got {splits}")
+        self.splits = splits
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.splits == 1 or not (self.training or self.running_mean is None):
+            return super().forward(x)  # one part, or running statistics: nothing depends on the batch
+        parts = x.chunk(self.splits)
+        if len(parts) == 1:  # a batch smaller than the splits: DataParallel uses fewer replicas
+            return super().forward(x)
+        first = super().forward(parts[0])
+        # The other replicas' statistics update nothing that survives the step: leave them out.
+        rest = [F.batch_norm(p, None, None, self.weight, self.bias, True, 0.0, self.eps) for p in parts[1:]]
+        return torch.cat([first, *rest])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", splits={self.splits}"
 
 
 # ----------------------------------------------------------------------------- Conv6
@@ -217,7 +256,7 @@ def is_known_model(name: str) -> bool:
     return parse_model(name) is not None
 
 
-__all__ = ["Layers", "Conv6", "ResNet", "BasicBlock", "Bottleneck", "register_model", "create_model",
+__all__ = ["Layers", "SplitBatchNorm2d", "Conv6", "ResNet", "BasicBlock", "Bottleneck", "register_model", "create_model",
            "count_parameters", "estimate_macs", "is_known_model", "model_names"]
 
 

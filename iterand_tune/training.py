@@ -8,6 +8,7 @@ per epoch.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import math
 import os
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from .config import TrialConfig
 from .data import Loaders, epoch_seed, make_loaders
-from .models import count_parameters, create_model
+from .models import Layers, count_parameters, create_model
 from .supermask import rerandomize_
 
 Device = Union[str, torch.device, None]
@@ -119,6 +120,20 @@ def data_parallel(model: nn.Module, num_gpus: int, autocast_dtype: Optional[torc
     return nn.DataParallel(inner, device_ids=list(range(num_gpus)))
 
 
+def replica_bn_splits(bn_splits: int, replicas: int) -> int:
+    """The parts of its own batch each of `replicas` DataParallel replicas normalises separately,
+    so that BatchNorm sees bn_splits parts of the whole batch. With bn_splits 1 each replica
+    still normalises its own part: DataParallel cannot do otherwise (no synchronised BatchNorm)."""
+    if replicas <= 1:
+        return bn_splits
+    if bn_splits == 1:
+        return 1
+    if bn_splits % replicas:
+        raise ValueError(f"bn_splits = {bn_splits} cannot be spread over {replicas} GPUs: use a "
+                         f"multiple of {replicas}, or one GPU")
+    return bn_splits // replicas
+
+
 def _num_samples(loader: Any) -> Optional[int]:
     """Images in one pass of a training loader, when it says (DeviceLoader, or a loader wrapping
     a torch DataLoader over a sized dataset)."""
@@ -155,16 +170,22 @@ class Trainer:
         self.data_generator.manual_seed(cfg.seed)
         self.loaders: Loaders = make_loaders(cfg, self.device, self.data_generator)
         info = self.loaders.info
-        self.model = create_model(cfg.model, cfg, info.num_classes, info.image_size).to(self.device)
+        replicas = 1
+        if self.device.type == "cuda" and num_gpus > 1 and torch.cuda.device_count() > 1:
+            replicas = min(num_gpus, torch.cuda.device_count())
+        # Each DataParallel replica already normalises its own part of the batch.
+        layers = dataclasses.replace(Layers.from_config(cfg),
+                                     bn_splits=replica_bn_splits(cfg.bn_splits, replicas))
+        self.model = create_model(cfg.model, cfg, info.num_classes, info.image_size,
+                                  layers=layers).to(self.device)
         if cfg.channels_last:  # 4-d weights and scores NHWC; values (and checkpoints) unchanged
             self.model.to(memory_format=torch.channels_last)
         self.autocast_dtype: Optional[torch.dtype] = AUTOCAST_DTYPES.get(cfg.autocast or "")
-        # A trial given several GPUs (ImageNet ResNet-50/101) splits each batch over them;
-        # re-randomisation and checkpoints act on `self.model`, which the replicas share.
+        # A trial given several GPUs splits each batch over them; re-randomisation and
+        # checkpoints act on `self.model`, which the replicas share.
         self.net: torch.nn.Module = self.model
-        if self.device.type == "cuda" and num_gpus > 1 and torch.cuda.device_count() > 1:
-            self.net = data_parallel(self.model, min(num_gpus, torch.cuda.device_count()),
-                                     self.autocast_dtype)
+        if replicas > 1:
+            self.net = data_parallel(self.model, replicas, self.autocast_dtype)
         self.compiled = False
         if cfg.compile:
             if isinstance(self.net, torch.nn.DataParallel):

@@ -1,11 +1,15 @@
-"""Networks (docs/method.md): check figures, structure, registry, forward/backward of every model."""
+"""Networks (docs/method.md): check figures, structure, registry, forward/backward of every model,
+BatchNorm over parts of a batch against the two-GPU DataParallel step it stands for."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from iterand_tune.config import TrialConfig
-from iterand_tune.models import (Conv6, ResNet, count_parameters, create_model, estimate_macs,
-                                 is_known_model, model_names)
+from iterand_tune.models import (Conv6, ResNet, SplitBatchNorm2d, count_parameters, create_model,
+                                 estimate_macs, is_known_model, model_names)
 from iterand_tune.supermask import SparseConv2d, SparseLinear, sparse_layers
 
 
@@ -151,3 +155,105 @@ def test_estimate_macs_conv6_by_hand():
     by_hand = sum(h * h * cin * cout * 9 for h, cin, cout in convs) + linear
     assert by_hand == 153_881_088
     assert estimate_macs("conv6x1.0") == by_hand
+
+
+# ----------------------------------------------------------------------------- BatchNorm over parts
+
+
+def _replicas_step(module, x, y):
+    """What nn.DataParallel(module, device_ids=[0, 1]) computes in one training step, on one CPU:
+    the batch scattered as x.chunk(2); replica 0 is the module itself (on the first GPU its
+    buffers are the module's), replica 1 a copy made before the forward (its buffer updates are
+    thrown away); the outputs gathered and one mean loss over the whole batch; each parameter's
+    gradient the sum of the replicas' (Broadcast's backward is a reduce-add)."""
+    parts = x.chunk(2)
+    copy_1 = copy.deepcopy(module)
+    out = torch.cat([module(parts[0]), copy_1(parts[1])])
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    for p, p1 in zip(module.parameters(), copy_1.parameters()):
+        if p1.grad is not None:
+            p.grad = p.grad + p1.grad
+    return out, loss
+
+
+def _twin_models(cfg, dtype=torch.float32):
+    torch.manual_seed(0)
+    split = create_model(cfg.model, cfg.replace(bn_splits=2)).to(dtype)
+    torch.manual_seed(0)
+    plain = create_model(cfg.model, cfg).to(dtype)
+    assert all(torch.equal(a, b) for a, b in zip(split.state_dict().values(), plain.state_dict().values()))
+    for m in (split, plain):
+        for name, p in m.named_parameters():
+            p.requires_grad_(name.endswith("scores") if cfg.train_mode == "score_only" else True)
+    return split, plain
+
+
+def _close(got, want, what):
+    # float64: the two computations are the same arithmetic up to the order of a few sums.
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("cfg", [
+    pruned_cfg("resnet18x0.125", 0.6, init_mode="signed_constant"),  # edge-popup: scores only
+    TrialConfig(model="resnet18x0.125", bn_momentum=0.3),            # SGD: weights and BN affine
+], ids=["edgepopup", "sgd"])
+@pytest.mark.parametrize("batch", [8, 7])  # 7: parts of 4 and 3, as DataParallel scatters them
+def test_split_batchnorm_is_the_two_gpu_data_parallel_step(cfg, batch):
+    split, plain = _twin_models(cfg, torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
+                            weight_decay=5e-4) for m in (split, plain)]
+    for step in range(2):  # the second step starts from what the first left: weights, buffers
+        x = torch.randn(batch, 3, 32, 32, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 10, (batch,), generator=gen)
+        split.train(), plain.train()
+        out = split(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        ref_out, ref_loss = _replicas_step(plain, x, y)
+        _close(out, ref_out, "outputs")
+        _close(loss, ref_loss, "loss")
+        grads = [(n, p.grad, q.grad) for (n, p), q in zip(split.named_parameters(), plain.parameters())
+                 if p.requires_grad]
+        assert grads and all(g is not None for _, g, _ in grads)
+        for name, g, ref in grads:
+            _close(g, ref, name)
+        for (name, b), ref in zip(split.named_buffers(), plain.buffers()):  # replica 0's statistics
+            _close(b, ref, name)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert int(split.stem[1].num_batches_tracked) == 2  # one update a step, not one a part
+    # Replica 0's statistics are the first part's, not the whole batch's.
+    whole = copy.deepcopy(plain)
+    whole(x)
+    assert not torch.allclose(whole.stem[1].running_var, split.stem[1].running_var)
+    fresh = create_model(cfg.model, cfg.replace(bn_splits=2))
+    fresh.load_state_dict(whole.state_dict())  # the same parameters and buffers: checkpoints load
+    assert isinstance(fresh.stem[1], SplitBatchNorm2d) and fresh.stem[1].splits == 2
+
+
+def test_split_batchnorm_in_evaluation_splits_only_batch_statistics():
+    cfg = pruned_cfg("resnet18x0.125", 0.6)
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    split, plain = _twin_models(cfg)
+    split.train(), plain.train()
+    split(x), plain(x)  # running statistics now differ: first half against the whole batch
+    plain.load_state_dict(split.state_dict())
+    split.eval(), plain.eval()
+    with torch.no_grad():  # running statistics: every image on its own, as on one GPU
+        torch.testing.assert_close(split(x), plain(x), rtol=1e-5, atol=1e-6)
+    batch_stats = cfg.replace(bn_track_running_stats=False)
+    split, plain = _twin_models(batch_stats)
+    split.eval(), plain.eval()
+    with torch.no_grad():  # no running statistics: each replica normalises its own half
+        halves = torch.cat([plain(x[:3]), plain(x[3:])])
+        torch.testing.assert_close(split(x), halves, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(split(x), plain(x), atol=1e-3)
+    one = SplitBatchNorm2d(4, splits=2)
+    one.train()
+    single = torch.randn(1, 4, 3, 3)
+    torch.testing.assert_close(one(single), F.batch_norm(single, None, None, training=True))
+    with pytest.raises(ValueError, match="splits must be >= 1"):
+        SplitBatchNorm2d(4, splits=0)

@@ -12,9 +12,9 @@ import torch
 
 import iterand_tune.training as training
 from iterand_tune.config import METHODS, TrialConfig
-from iterand_tune.models import create_model
-from iterand_tune.training import (AutocastForward, Trainer, data_parallel, lr_at, resolve_device,
-                                   use_deterministic_cuda)
+from iterand_tune.models import SplitBatchNorm2d, create_model
+from iterand_tune.training import (AutocastForward, Trainer, data_parallel, lr_at,
+                                   replica_bn_splits, resolve_device, use_deterministic_cuda)
 
 from helpers import count_host_reads
 
@@ -364,3 +364,28 @@ def test_autocast_forward_keeps_bf16_where_a_replica_thread_says_otherwise():
     assert net.module.module is model and net.module.dtype == torch.bfloat16
     assert net.module.device_type == "cuda"
     assert data_parallel(model, 1, None).module is model  # fp32: nothing to re-enter
+
+
+# ----------------------------------------------------------------------------- BatchNorm over parts
+
+
+def test_bn_splits_build_split_batchnorm_and_train():
+    t = Trainer(digits("edgepopup", model="resnet18x0.125", bn_splits=2, epochs=1, debug_max_iters=2))
+    bns = [m for m in t.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(isinstance(m, SplitBatchNorm2d) and m.splits == 2 for m in bns)
+    (metrics,) = list(t.fit())
+    assert metrics["iterations"] == 2 and int(bns[0].num_batches_tracked) == 2
+    plain = Trainer(digits("edgepopup", model="resnet18x0.125", epochs=1))
+    assert not any(isinstance(m, SplitBatchNorm2d) for m in plain.model.modules())
+
+
+@pytest.mark.parametrize("bn_splits, replicas, per_replica", [
+    (2, 1, 2), (1, 1, 1), (2, 2, 1), (4, 2, 2), (1, 2, 1),  # bn_splits 1 on 2 GPUs: as before
+])
+def test_each_data_parallel_replica_normalises_its_share_of_the_splits(bn_splits, replicas, per_replica):
+    assert replica_bn_splits(bn_splits, replicas) == per_replica
+
+
+def test_splits_that_do_not_divide_over_the_gpus_are_refused():
+    with pytest.raises(ValueError, match="bn_splits = 3 cannot be spread over 2 GPUs"):
+        replica_bn_splits(3, 2)
