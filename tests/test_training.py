@@ -12,6 +12,7 @@ import torch
 
 import iterand_tune.training as training
 from iterand_tune.config import METHODS, TrialConfig
+from iterand_tune.data import DeviceJpegLoader
 from iterand_tune.models import SplitBatchNorm2d, create_model
 from iterand_tune.training import (AutocastForward, Trainer, data_parallel, lr_at,
                                    replica_bn_splits, resolve_device, use_deterministic_cuda)
@@ -389,3 +390,18 @@ def test_each_data_parallel_replica_normalises_its_share_of_the_splits(bn_splits
 def test_splits_that_do_not_divide_over_the_gpus_are_refused():
     with pytest.raises(ValueError, match="bn_splits = 3 cannot be spread over 2 GPUs"):
         replica_bn_splits(3, 2)
+
+
+def test_an_imagenet_trial_on_the_device_path_with_split_batchnorm(tmp_path):
+    from test_data_loaders import make_jpeg_folder
+
+    make_jpeg_folder(tmp_path, odd_files=False)
+    cfg = TrialConfig(**{**METHODS["iterand"], "rerand_freq": 3}, model="resnet18x0.125", dataset="imagenet",
+                      dataset_dir=str(tmp_path), batch_size=4, batch_size_eval=4, num_workers=0, epochs=2,
+                      debug_max_iters=2, imagenet_decode="device", bn_splits=2, use_cuda=False)
+    t = Trainer(cfg)
+    assert isinstance(t.loaders.train, DeviceJpegLoader) and t.model.fc.out_features == 2
+    assert isinstance(t.model.stem[1], SplitBatchNorm2d) and t.model.stem[1].splits == 2
+    ms = list(t.fit())
+    assert [m["iterations"] for m in ms] == [2, 4] and all(math.isfinite(m["train_loss"]) for m in ms)
+    assert "test_acc" in ms[-1] and int(t.model.stem[1].num_batches_tracked) == 4

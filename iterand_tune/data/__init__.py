@@ -1,24 +1,33 @@
 """Datasets of iterand_tune: readers (CIFAR-10/100, MNIST, sklearn digits, synthetic CIFAR-10, ImageNet
-folders, the fixed seed-777 splits), batched augmentation on the device, and the loaders a trial uses.
+folders, the fixed seed-777 splits), augmentation on the device, ImageNet's JPEGs read for decoding on
+the device (jpeg), and the loaders a trial uses.
 The dataset registry itself (DatasetInfo, DATASETS) lives in the torch-free iterand_tune.vocabulary.
 """
 
 from ..vocabulary import DATASETS, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
 from .augment import (
+    IMAGENET_AUGMENT,
+    IMAGENET_RESIZE,
     AugmentSpec,
     augment_batch,
     imagenet_transforms,
     normalize,
+    resize_center_crops,
     resized_crop_flip,
+    resized_crops,
+    sample_crop_boxes,
     sample_crop_params,
     sample_flips,
     train_augmentation,
 )
 from .loaders import (
+    DeviceJpegLoader,
     DeviceLoader,
     ImageNetLoader,
     Loaders,
+    augment_seed,
     epoch_seed,
+    imagenet_decoder,
     imagenet_loaders,
     make_loaders,
     prepare_dataset,
@@ -75,13 +84,21 @@ __all__ = [
     "require_imagenet_folders",
     "imagenet_folders",
     "sample_crop_params",
+    "sample_crop_boxes",
     "sample_flips",
     "resized_crop_flip",
+    "resized_crops",
+    "resize_center_crops",
+    "IMAGENET_AUGMENT",
+    "IMAGENET_RESIZE",
     "augment_batch",
     "normalize",
     "DeviceLoader",
     "ImageNetLoader",
+    "DeviceJpegLoader",
     "epoch_seed",
+    "augment_seed",
+    "imagenet_decoder",
     "imagenet_loaders",
     "Loaders",
     "make_loaders",

@@ -1,6 +1,7 @@
 """Training augmentation: the batched policy of the in-memory datasets, applied to whole uint8 batches
-on their device (pad -> random-resized-crop -> flip with torchvision's sampling rules, no host sync),
-and torchvision's per-image transforms for ImageNet folders.
+on their device (pad -> random-resized-crop -> flip with torchvision's sampling rules, no host sync);
+for ImageNet, torchvision's per-image transforms (the PIL path) and their device counterparts for
+decoded images of different sizes (random-resized crop + flip, resize + centre crop).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def imagenet_transforms(info: DatasetInfo) -> tuple[Any, Any]:
     eval_tf = T.Compose([T.Resize(256), T.CenterCrop(info.image_size), T.ToTensor(), norm])
     return train_tf, eval_tf
 
+
+IMAGENET_RESIZE = 256  # evaluation: the shorter side resized to 256, then the centre 224 x 224
+IMAGENET_AUGMENT = AugmentSpec(pad=0)  # RandomResizedCrop's defaults and a horizontal flip
 
 _ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 random crops before its central fallback
 
@@ -170,3 +174,85 @@ def normalize(x01: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] 
     if not isinstance(std, Tensor):
         std = torch.tensor(std, dtype=torch.float32, device=x01.device)
     return (x01 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+# ----------------------------------------------------------------------------- images of different sizes
+# ImageNet's decoded images differ in size, so there is no batch tensor to crop with one grid_sample:
+# boxes are drawn on the CPU for the whole batch at once (the sizes are known there, so the crop
+# offsets need no read-back from the device), and each image is cropped and resized on its device.
+
+
+def sample_crop_boxes(
+    heights: Tensor,
+    widths: Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """RandomResizedCrop.get_params for images of heights x widths (int64 [B], CPU): boxes (top,
+    left, h, w), int64 [B], drawn at once in float64 from `generator` with torchvision's rule (10
+    attempts of area scale and log-uniform aspect ratio, the first that fits, else the central crop)."""
+    n = len(heights)
+    hh, ww = heights.double(), widths.double()
+    u = torch.rand(2, n, _ATTEMPTS, generator=generator, dtype=torch.float64)
+    area = (hh * ww)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[1])
+    w = torch.sqrt(area * aspect).round()  # round-half-even, like Python's round()
+    h = torch.sqrt(area / aspect).round()
+    valid = (w > 0) & (w <= ww[:, None]) & (h > 0) & (h <= hh[:, None])
+    first = valid.to(torch.int8).argmax(dim=1, keepdim=True)  # the first attempt that fits
+    found = valid.any(dim=1)
+    # torchvision's fallback: the whole image, cut to the nearest allowed aspect ratio, centred.
+    in_ratio = ww / hh
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fb_w = torch.where(wide, (hh * max(ratio)).round(), ww)
+    fb_h = torch.where(narrow, (ww / min(ratio)).round(), hh)
+    h = torch.where(found, h.gather(1, first).squeeze(1), fb_h)
+    w = torch.where(found, w.gather(1, first).squeeze(1), fb_w)
+    u_pos = torch.rand(2, n, generator=generator, dtype=torch.float64)
+    # floor(U * n) is uniform on 0..n-1 like randint(0, n); the clamp guards rounding at U -> 1.
+    top = torch.where(found, torch.minimum(torch.floor(u_pos[0] * (hh - h + 1)), hh - h),
+                      torch.div(hh - h, 2, rounding_mode="floor"))
+    left = torch.where(found, torch.minimum(torch.floor(u_pos[1] * (ww - w + 1)), ww - w),
+                       torch.div(ww - w, 2, rounding_mode="floor"))
+    return top.long(), left.long(), h.long(), w.long()
+
+
+def _resize(image: Tensor, height: int, width: int) -> Tensor:
+    """A [C, H, W] image (any dtype) resized bilinearly with antialiasing, as torchvision's tensor
+    resize does to approximate PIL's: float32 [1, C, height, width] in the input's value range."""
+    if tuple(image.shape[-2:]) == (height, width):
+        return image[None].float()
+    return F.interpolate(image[None].float(), size=(height, width), mode="bilinear", align_corners=False,
+                         antialias=True)
+
+
+def resized_crops(
+    images: Sequence[Tensor], boxes: tuple[Tensor, Tensor, Tensor, Tensor], flips: Tensor | None, size: int
+) -> Tensor:
+    """Each uint8 [3, H, W] image's box (top, left, h, w, CPU tensors) resized to size x size and
+    mirrored where `flips` says (CPU bool): float32 [B, 3, size, size] on the images' device, in
+    0..255 rounded to integers as the uint8 result of torchvision's PIL path is."""
+    out = torch.empty(len(images), 3, size, size, device=images[0].device)
+    flipped = flips.tolist() if flips is not None else [False] * len(images)
+    for i, (image, top, left, h, w) in enumerate(zip(images, *(b.tolist() for b in boxes))):
+        crop = _resize(image[:, top : top + h, left : left + w], size, size)[0]
+        out[i] = crop.flip(-1) if flipped[i] else crop
+    return out.round_().clamp_(0.0, 255.0)
+
+
+def resize_center_crops(images: Sequence[Tensor], resize: int, size: int) -> Tensor:
+    """torchvision's Resize(resize) (shorter side to `resize`, the longer int(resize * long / short))
+    then CenterCrop(size) of each uint8 [3, H, W] image: float32 [B, 3, size, size] on the images'
+    device, in 0..255 rounded to integers."""
+    out = torch.empty(len(images), 3, size, size, device=images[0].device)
+    for i, image in enumerate(images):
+        height, width = image.shape[-2:]
+        if width <= height:
+            new_w, new_h = resize, int(resize * height / width)
+        else:
+            new_h, new_w = resize, int(resize * width / height)
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        out[i] = _resize(image, new_h, new_w)[0, :, top : top + size, left : left + size]
+    return out.round_().clamp_(0.0, 255.0)

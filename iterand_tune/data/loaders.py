@@ -1,20 +1,36 @@
 """Loaders of a trial: DeviceLoader (an in-memory dataset kept as uint8 on the device, augmented in
 whole batches there), ImageNetLoader (a torch DataLoader over image folders, its order a function of
-the trial's seed and the epoch), and make_loaders / prepare_dataset, which pick them for a config.
+the trial's seed and the epoch), DeviceJpegLoader (the same folders, their JPEGs decoded and cropped on
+the device), and make_loaders / prepare_dataset, which pick them for a config.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
+from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..vocabulary import DATASETS, DatasetInfo
-from .augment import AugmentSpec, augment_batch, imagenet_transforms, normalize, train_augmentation
+from .augment import (
+    IMAGENET_AUGMENT,
+    IMAGENET_RESIZE,
+    AugmentSpec,
+    augment_batch,
+    imagenet_transforms,
+    normalize,
+    resize_center_crops,
+    resized_crops,
+    sample_crop_boxes,
+    sample_flips,
+    train_augmentation,
+)
+from .jpeg import EncodedImages, collate_encoded, decode_batch, device_decode_problem, to_device
 from .readers import (
     SPLIT_SEED,
     DataError,
@@ -130,6 +146,62 @@ class ImageNetLoader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+def augment_seed(seed: int, epoch: int) -> int:
+    """The seed of the crop and flip draws of `epoch` on the device path: epoch_seed's, moved to a
+    stream of its own (the sampler's generator takes epoch_seed itself)."""
+    return (epoch_seed(seed, epoch) + 0x9E3779B97F4A7C15) % 2**63
+
+
+class DeviceJpegLoader(ImageNetLoader):
+    """ImageNet batches decoded and cropped on `device`: DataLoader workers read the files (EncodedImages),
+    decode_jpeg decodes a batch's JPEGs in one call there, and each image is cropped and resized there.
+
+    Training: RandomResizedCrop(224) boxes and flips with torchvision's distribution, drawn on the CPU
+    from a generator that set_epoch re-seeds from (seed, epoch), like the sampler's. Evaluation:
+    Resize(256) and CenterCrop(224). Both bilinear with antialiasing, rounded to 0..255 as PIL's uint8
+    result, then normalised. Files PIL had to decode are counted by reason (`decoded_by_pil`), and
+    each reason is warned about once, naming its first file.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device | str, seed: int, *,
+                 train: bool, info: DatasetInfo) -> None:
+        self.train = train
+        self.size = info.image_size
+        self.augment_generator = torch.Generator()  # on the CPU, where the boxes are drawn
+        self.decoded_by_pil: Counter[str] = Counter()
+        super().__init__(loader, device, seed)
+        self.mean = torch.tensor(info.mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(info.std, dtype=torch.float32, device=self.device)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.augment_generator.manual_seed(augment_seed(self.seed, epoch))
+
+    def _count(self, pairs: Iterable[tuple[str, Optional[str]]]) -> None:
+        for name, why in pairs:
+            if why is None:
+                continue
+            if why not in self.decoded_by_pil:
+                warnings.warn(f"ImageNet: {name} is {why}; PIL decodes it, and every such file after it, "
+                              "on the CPU (the loader's decoded_by_pil counts them)", stacklevel=3)
+            self.decoded_by_pil[why] += 1
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        spec = IMAGENET_AUGMENT
+        for batch in self.loader:
+            self._count(zip(batch.names, batch.reasons))
+            images, refused = decode_batch(batch, self.device)
+            self._count(refused)
+            if self.train:
+                sizes = torch.tensor([tuple(image.shape[-2:]) for image in images], dtype=torch.int64)
+                boxes = sample_crop_boxes(sizes[:, 0], sizes[:, 1], spec.scale, spec.ratio, self.augment_generator)
+                flips = sample_flips(len(images), self.augment_generator, "cpu") if spec.hflip else None
+                x = resized_crops(images, boxes, flips, self.size)
+            else:
+                x = resize_center_crops(images, IMAGENET_RESIZE, self.size)
+            yield normalize(x.div_(255.0), self.mean, self.std), to_device(batch.labels, self.device)
+
+
 @dataclass
 class Loaders:
     """The three loaders of a trial and the facts of their dataset; each loader has __len__."""
@@ -160,16 +232,21 @@ def imagenet_loaders(
     device: torch.device | str,
     max_train_dataset_size: int | None = None,
     seed: int = 0,
+    decode: str = "pil",
 ) -> Loaders:
     """Loaders for an ImageNet-style folder root/{train,val}/<class>/*.JPEG (torchvision ImageFolder).
 
     imagenet_val_size(n) training images are held out for validation, right after the (possibly
     truncated) training part of the seed-777 permutation; root/val is the test set. The training
     order of each epoch follows from `seed` (ImageNetLoader.set_epoch). info.num_classes is the
-    number of class folders found (1000 for ImageNet itself).
+    number of class folders found (1000 for ImageNet itself). decode "pil": PIL decodes and crops
+    in the DataLoader workers (ImageNetLoader); "device": the workers read the files and `device`
+    decodes and crops them (DeviceJpegLoader).
     """
+    if decode not in ("pil", "device"):
+        raise ValueError(f"decode must be 'pil' or 'device', got {decode!r}")
     info = DATASETS["imagenet"]
-    train_tf, eval_tf = imagenet_transforms(info)
+    train_tf, eval_tf = imagenet_transforms(info) if decode == "pil" else (None, None)
     train_aug, train_eval, test = imagenet_folders(root, train_tf, eval_tf)
     n = len(train_aug)
     if n < 2:
@@ -179,7 +256,13 @@ def imagenet_loaders(
     if max_train_dataset_size is not None and max_train_dataset_size < 1:
         raise DataError(f"max_train_dataset_size must be a positive integer, got {max_train_dataset_size}")
     tr, va = split_indices(n, imagenet_val_size(n), max_train_dataset_size, SPLIT_SEED)
-    pin = torch.device(device).type == "cuda"
+    on_device = decode == "device"
+    if on_device:  # the same files and labels, read as bytes; the loader decodes and crops
+        train_aug = train_eval = EncodedImages(train_aug.samples, train_aug.classes)
+        test = EncodedImages(test.samples, test.classes)
+    # Pinned memory speeds the copy of decoded batches; the device path copies little but labels.
+    pin = torch.device(device).type == "cuda" and not on_device
+    info = replace(info, num_classes=len(train_aug.classes))
 
     def loader(ds: Any, bs: int, shuffle: bool) -> ImageNetLoader:
         dl = torch.utils.data.DataLoader(
@@ -192,15 +275,33 @@ def imagenet_loaders(
             # run would shuffle differently: the training loader starts its workers afresh each epoch.
             persistent_workers=num_workers > 0 and not shuffle,
             generator=torch.Generator() if shuffle else None,
+            collate_fn=collate_encoded if on_device else None,
         )
+        if on_device:
+            return DeviceJpegLoader(dl, device, seed, train=shuffle, info=info)
         return ImageNetLoader(dl, device, seed)
 
     return Loaders(
-        info=replace(info, num_classes=len(train_aug.classes)),
+        info=info,
         train=loader(torch.utils.data.Subset(train_aug, tr.tolist()), batch_size, True),
         val=loader(torch.utils.data.Subset(train_eval, va.tolist()), batch_size_eval, False),
         test=loader(test, batch_size_eval, False),
     )
+
+
+def imagenet_decoder(choice: Optional[str], device: torch.device) -> str:
+    """The ImageNet decoder a trial uses: its `imagenet_decode` choice, or by default "device" on
+    CUDA (falling back to "pil", with a warning saying why, where decode_jpeg cannot run there) and
+    "pil" elsewhere. DataError when "device" is asked for where it cannot run."""
+    if choice == "pil" or (choice is None and device.type != "cuda"):
+        return "pil"
+    problem = device_decode_problem(str(device))
+    if problem is None:
+        return "device"
+    if choice == "device":
+        raise DataError(f"imagenet_decode='device': {problem}; set imagenet_decode='pil' to decode with PIL")
+    warnings.warn(f"ImageNet JPEGs are decoded by PIL in the DataLoader workers: {problem}", stacklevel=2)
+    return "pil"
 
 
 @functools.lru_cache(maxsize=4)
@@ -212,7 +313,7 @@ def _cached_splits(name: str, root: str, download: bool, max_train: int | None, 
 def make_loaders(cfg: Any, device: torch.device, generator: torch.Generator) -> Loaders:
     """Train/val/test loaders for a trial config (duck-typed: dataset, dataset_dir, dataset_download,
     max_train_dataset_size, train_augmentation, padding_before_crop, batch_size, batch_size_eval,
-    num_workers, seed).
+    num_workers, imagenet_decode, seed).
 
     `generator` lives on `device` and drives shuffling and augmentation of the in-memory datasets;
     ImageNet's order follows from cfg.seed and the epoch instead (ImageNetLoader.set_epoch).
@@ -227,6 +328,7 @@ def make_loaders(cfg: Any, device: torch.device, generator: torch.Generator) -> 
             device=device,
             max_train_dataset_size=cfg.max_train_dataset_size,
             seed=cfg.seed,
+            decode=imagenet_decoder(cfg.imagenet_decode, torch.device(device)),
         )
     # The cache key: a normalised folder, and none for datasets made in memory.
     root = "" if info.name in ("digits", "synthetic_cifar10") else resolve_root(cfg.dataset_dir)
