@@ -79,6 +79,20 @@ def test_trial_request_cpus():
     assert trial_request(_trial(model="conv6x1.0"), have_gpus=True, cpus=0.5) == (0.5, 0.25)
 
 
+def test_figure3_trials_ask_for_one_gpu_and_their_loader_workers():
+    # ResNet50/101 too: one GPU with BatchNorm over two halves (bn_splits=2) stands for the paper's
+    # two GPUs with half of the batch each.
+    from iterand_tune.experiments import all_trials, load
+
+    experiments = load(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "figure3.py"))
+    gpus = {e.name: e.gpus_per_trial for e in experiments}
+    requests = {t["experiment"]: trial_request(t, have_gpus=True, gpus=gpus[t["experiment"]])
+                for t in all_trials(experiments)}
+    assert len(requests) == 8 and set(requests.values()) == {(9.0, 1.0)}  # 1 + 8 DataLoader workers
+    forced = [trial_request(t, have_gpus=True, forced_gpus=2) for t in all_trials(experiments)]
+    assert set(forced) == {(9.0, 2.0)}  # --gpus-per-trial 2 still splits a trial over two GPUs
+
+
 def test_describe_request():
     assert describe_request(1, 0) == "1 CPU"
     assert describe_request(0.5, 0.25) == "0.5 CPU + 0.25 GPU"
