@@ -38,7 +38,7 @@ for _path in (ROOT, HERE):  # the checkout and the sibling benchmarks, without a
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-PARTS = ("tests", "compile", "throughput", "step", "packing", "figure2")
+PARTS = ("tests", "compile", "throughput", "step", "packing", "figure2", "imagenet")
 EXIT_FAILED, NO_CUDA_EXIT = 1, 3
 DEFAULT_BUDGET_S = 480.0  # 8 minutes: a 600 s limit keeps 2 minutes of margin
 FULL_EPOCH_ITERS = 352  # ceil(45,000 / 128): one epoch of (synthetic) CIFAR-10 at batch 128
@@ -58,7 +58,11 @@ PLANS: dict[str, dict[str, Any]] = {
         figure2_models=["conv6x0.25", "conv6x1.0", "resnet18x0.25", "resnet18x1.0"],
         figure2_epochs=2, figure2_iters=100, trial_timeout=240,
         target_throughput=["conv6x1.0", 5.0], target_packing=["conv6x0.25", 4, 3.0],
-        target_step={"conv6x1.0": 1.2, "resnet18x1.0": 1.3}),
+        target_step={"conv6x1.0": 1.2, "resnet18x1.0": 1.3},
+        # 1,000 classes as ImageNet: 2,000 training and 1,000 test JPEGs; figure 3's workers, batches.
+        imagenet=dict(classes=1000, train_per_class=2, val_per_class=1, size=[350, 400],
+                      models=["resnet50", "resnet101"], workers=None, steps=20, warmup=5, epoch_iters=14,
+                      timeout=300)),
     "cpu": dict(
         batch=16, batch_eval=64, max_train=64, tests_timeout=240,
         compile_models=["conv6x0.25"], compile_timeout=300, compile_reserve_s=0,
@@ -68,10 +72,12 @@ PLANS: dict[str, dict[str, Any]] = {
         figure2_models=["conv6x0.25", "resnet18x0.25"], figure2_epochs=2, figure2_iters=2,
         trial_timeout=300,
         target_throughput=["conv6x0.25", 5.0], target_packing=["conv6x0.25", 2, 1.5],
-        target_step={"conv6x0.25": 1.2}),
+        target_step={"conv6x0.25": 1.2},
+        imagenet=dict(classes=3, train_per_class=4, val_per_class=1, size=[48, 56], models=["resnet18x0.125"],
+                      workers=0, steps=2, warmup=1, epoch_iters=2, batch=4, batch_eval=4, timeout=240)),
 }
 # Seconds an item of a part is expected to take on the GPU: it starts only with that much left.
-NEEDS = {"tests": 60, "compile": 60, "throughput": 25, "step": 10, "packing": 20, "figure2": 45}
+NEEDS = {"tests": 60, "compile": 60, "throughput": 25, "step": 10, "packing": 20, "figure2": 45, "imagenet": 90}
 
 
 def say(line: str) -> None:
@@ -1003,9 +1009,25 @@ def part_figure2(check: Check) -> Iterator[dict[str, Any]]:
         yield row
 
 
+def part_imagenet(check: Check) -> Iterator[dict[str, Any]]:
+    """Figure 3's input pipeline and step (benchmarks/imagenet_pipeline.py) in one child: synthetic
+    JPEGs written into the scratch folder, each pipeline's loader alone, each model's step, the
+    GPU-hours of a figure-3 trial from the slower of the two, and both together."""
+    plan = dict(check.plan["imagenet"])
+    timeout = plan.pop("timeout")
+    for row in check.worker("imagenet", dict(device=check.mode, folder=check.scratch, **plan), "imagenet",
+                            timeout):
+        if row.get("what") == "hours":
+            say(f"  {row['model']:<10} {row['pipeline']:<7} {row['hours']:.0f} GPU-hours a trial "
+                f"(training {row['train_images_per_s']:.0f} images/s, bound by its {row['train_bound']})")
+        yield row
+
+
 PART_FUNCTIONS: dict[str, Callable[[Check], Iterator[dict[str, Any]]]] = {
     "tests": part_tests, "compile": part_compile, "throughput": part_throughput, "step": part_step,
-    "packing": part_packing, "figure2": part_figure2}
+    "packing": part_packing, "figure2": part_figure2, "imagenet": part_imagenet}
+# Children's calls that benchmarks/gpu_throughput.py does not hold, and the module that does.
+CALL_MODULES = {"imagenet": "imagenet_pipeline"}
 
 
 # ----------------------------------------------------------------------------- targets
@@ -1203,7 +1225,55 @@ def markdown(report: dict[str, Any]) -> str:
              _fmt(None if r.get("checkpoint_share") is None else 100 * r["checkpoint_share"], 1, "%"),
              _fmt(r.get("gpu_peak_mb") or r.get("gpu_peak_unmatched_mb"), 0), _fmt(r.get("gpu_share_mb"), 0),
              _fmt(r.get("cap_mb"), 0)] for r in rows])
+    lines += _imagenet_markdown(report)
     return "\n".join(lines)
+
+
+def _imagenet_markdown(report: dict[str, Any]) -> list[str]:
+    rows = part_rows(report, "imagenet")
+    if not rows:
+        return []
+    of = lambda what: [r for r in rows if r.get("what") == what]  # noqa: E731
+    lines = ["## ImageNet pipeline (figure 3)", ""]
+    for r in of("images"):
+        lines += [f"{r['train_images']:,} training and {r['test_images']:,} test JPEGs in {r['classes']} class "
+                  f"folders, about {r['size'][0]} x {r['size'][1]} pixels, quality {r['quality']}, "
+                  f"{r['mean_kb']:.0f} KB on average, read from the page cache. `pil`: PIL decodes and "
+                  "crops in DataLoader workers; `device`: the workers read the files, the trial's device "
+                  "decodes (decode_jpeg) and crops.", ""]
+    for r in of("decode"):
+        lines += [f"decode_jpeg on {r['device']} against PIL, {r['images']} of the files: at most "
+                  f"{r['max_level_diff']} levels of 255 apart, {r['mean_level_diff']:.3f} on average.", ""]
+    if of("loader"):
+        lines += _table(["pipeline", "loader", "batch", "workers", "images/s", "decoded by PIL"], [
+            [r["pipeline"], r["split"], r["batch"], r["workers"], _fmt(r["images_per_s"], 0),
+             ", ".join(f"{n} {why}" for why, n in (r.get("decoded_by_pil") or {}).items()) or "-"]
+            for r in of("loader")])
+    if of("step"):
+        lines += ["Figure 3's IteRand trial of each network, its step on a batch already on the device "
+                  "(loader left out):", ""]
+        lines += _table(["model", "batch", "bn_splits", "channels_last", "autocast", "training images/s",
+                         "evaluation batch", "evaluation images/s", "peak allocated MB"], [
+            [r["model"], r["batch"], r["bn_splits"], r["channels_last"], r["autocast"] or "fp32",
+             _fmt(r["train_images_per_s"], 0), r["eval_batch"], _fmt(r["eval_images_per_s"], 0),
+             _fmt(r.get("peak_allocated_mb"), 0)] for r in of("step")])
+    if of("hours"):
+        first = of("hours")[0]
+        lines += [f"GPU-hours of one trial: {first['epochs']} epochs of {first['train_images']:,} training "
+                  f"and {first['val_images']:,} validation images, then {first['test_images']:,} test images, "
+                  "each phase at the slower of its loader and its step:", ""]
+        lines += _table(["model", "pipeline", "training images/s", "bound by", "evaluation images/s",
+                         "bound by", "GPU-hours"], [
+            [r["model"], r["pipeline"], _fmt(r["train_images_per_s"], 0), r["train_bound"],
+             _fmt(r["eval_images_per_s"], 0), r["eval_bound"], _fmt(r["hours"], 1)] for r in of("hours")])
+    if of("epoch"):
+        lines += ["Loader and step together, as a trial's training epoch runs them (the first iteration "
+                  "left out):", ""]
+        lines += _table(["model", "pipeline", "iterations", "images/s"], [
+            [r["model"], r["pipeline"], r["iterations"], _fmt(r.get("images_per_s"), 0)] for r in of("epoch")])
+    errors = [r for r in rows if "error" in r or "cut" in r]
+    lines += [f"- {r.get('error') or r.get('cut')}" for r in errors] + ([""] if errors else [])
+    return lines
 
 
 # ----------------------------------------------------------------------------- main
@@ -1222,7 +1292,9 @@ def worker_main(spec_path: str) -> int:
             out.write(json.dumps(row, default=str) + "\n")
 
     try:
-        gt.CALLS[spec["call"]](emit, **spec["args"])
+        calls = importlib.import_module(CALL_MODULES[spec["call"]]).CALLS if spec["call"] in CALL_MODULES \
+            else gt.CALLS
+        calls[spec["call"]](emit, **spec["args"])
     except BaseException as err:  # noqa: BLE001 - the parent reports it
         emit(gt.error_row(err))
         return 1

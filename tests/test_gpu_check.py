@@ -96,7 +96,7 @@ def test_allow_cpu_runs_every_part_and_writes_both_reports(cpu_run):
     assert report["state"] == "finished" and report["mode"] == "cpu" and report["failures"] == []
     assert {k: p["state"] for k, p in report["parts"].items()} == {
         "tests": "done", "compile": "skipped", "throughput": "done", "step": "done", "packing": "done",
-        "figure2": "done"}
+        "figure2": "done", "imagenet": "done"}
     assert "compile is measured on a GPU" in report["parts"]["compile"]["why"]
     env = report["environment"]
     assert {"gpu", "torch", "cuda", "python", "cpu_count", "hostname", "compile_missing"} <= set(env)
@@ -135,6 +135,63 @@ def test_allow_cpu_runs_every_part_and_writes_both_reports(cpu_run):
         assert heading in md
     assert "| conv6x0.25 | reference-style (PIL, .item) |" in md and "| resnet18x0.25 | iterand |" in md
     assert "report:" in cpu_run.out and not no_survivors(cpu_run.pid)
+
+
+@pytest.mark.slow
+def test_allow_cpu_measures_figure3s_input_pipeline_and_step(cpu_run):
+    rows = cpu_run.report["parts"]["imagenet"]["rows"]
+    by = lambda what: [r for r in rows if r.get("what") == what]  # noqa: E731
+    (images,) = by("images")
+    assert (images["train_images"], images["test_images"], images["classes"]) == (12, 3, 3)
+    (decode,) = by("decode")  # libjpeg-turbo on both sides here
+    assert decode["images"] == 12 and decode["max_level_diff"] <= 1 and decode["device"] == "cpu"
+    loaders = {(r["pipeline"], r["split"]): r for r in by("loader")}
+    assert set(loaders) == {(p, s) for p in ("pil", "device") for s in ("train", "eval")}
+    assert loaders[("pil", "train")]["images"] == 11 and loaders[("device", "eval")]["images"] == 3
+    assert all(r["images_per_s"] > 0 for r in loaders.values())
+    (step,) = by("step")  # figure 3's ResNet-50 trial, a tiny network in its place
+    assert (step["model"], step["method"], step["bn_splits"], step["batch"]) == ("resnet18x0.125", "iterand", 2, 4)
+    assert step["train_images_per_s"] > 0 and step["eval_images_per_s"] > 0
+    hours = {r["pipeline"]: r for r in by("hours")}
+    assert set(hours) == {"pil", "device"} and all(h["hours"] > 0 and h["epochs"] == 105 for h in hours.values())
+    assert {r["pipeline"] for r in by("epoch")} == {"pil", "device"}
+    assert all(r["iterations"] == 2 and r["images_per_s"] > 0 for r in by("epoch"))
+    md = (cpu_run.folder / "report.md").read_text()
+    assert "## ImageNet pipeline (figure 3)" in md and "| resnet18x0.125 | device | 2 |" in md
+
+
+def test_figure3_gpu_hours_follow_the_slower_of_loader_and_step(gpu_check):
+    pipeline = load_benchmark("imagenet_pipeline")
+    # The step is slower in training, the loader in evaluation.
+    got = pipeline.trial_hours(loader_train=1500.0, loader_eval=1000.0, step_train=1200.0, step_eval=3000.0,
+                               epochs=105, train_images=1_268_356, val_images=12_811, test_images=50_000)
+    seconds = 105 * (1_268_356 / 1200 + 12_811 / 1000) + 50_000 / 1000
+    assert got == dict(hours=pytest.approx(seconds / 3600), train_images_per_s=1200.0, eval_images_per_s=1000.0,
+                       train_bound="step", eval_bound="loader")
+    assert pipeline.trial_hours(900.0, 1000.0, 1200.0, 3000.0, 105, 1, 1, 1)["train_bound"] == "loader"
+    assert pipeline.IMAGENET_TRAIN - 12_811 == 1_268_356  # imagenet_val_size holds 12,811 out
+    report = _report()
+    report["parts"]["imagenet"] = dict(state="done", seconds=40.0, rows=[
+        dict(what="images", images=3000, train_images=2000, test_images=1000, classes=1000, size=[350, 400],
+             quality=90, distinct=64, mean_kb=80.2),
+        dict(what="decode", device="cuda", images=64, max_level_diff=3, mean_level_diff=0.412),
+        dict(what="loader", pipeline="pil", split="train", batch=128, workers=8, images_per_s=1400.0),
+        dict(what="loader", pipeline="device", split="train", batch=128, workers=8, images_per_s=6000.0,
+             decoded_by_pil={"a CMYK JPEG": 2}),
+        dict(what="step", model="resnet50", method="iterand", batch=128, bn_splits=2, channels_last=False,
+             autocast=None, train_images_per_s=1200.0, eval_batch=512, eval_images_per_s=3000.0,
+             peak_allocated_mb=20000.0),
+        dict(what="hours", model="resnet50", pipeline="device", epochs=105, train_images=1_268_356,
+             val_images=12_811, test_images=50_000, **got),
+        dict(what="epoch", model="resnet50", pipeline="device", iterations=14, images_per_s=1150.0)])
+    report["targets"] = gpu_check.targets(report)
+    md = gpu_check.markdown(report)
+    assert "2,000 training and 1,000 test JPEGs in 1000 class folders" in md
+    assert "decode_jpeg on cuda against PIL, 64 of the files: at most 3 levels of 255 apart, 0.412" in md
+    assert "| device | train | 128 | 8 | 6000 | 2 a CMYK JPEG |" in md
+    assert "| resnet50 | 128 | 2 | False | fp32 | 1200 | 512 | 3000 | 20000 |" in md
+    assert f"| resnet50 | device | 1200 | step | 1000 | loader | {seconds / 3600:.1f} |" in md
+    assert "| resnet50 | device | 14 | 1150 |" in md
 
 
 @pytest.mark.slow
@@ -263,7 +320,7 @@ def test_exit_code_is_1_when_a_part_a_trial_or_a_test_failed(gpu_check, tmp_path
     report = read_report(check.out)
     states = {name: part["state"] for name, part in report["parts"].items()}
     assert states == dict(tests="failed", compile="skipped", throughput="skipped", step="failed",
-                          packing="cut", figure2="failed")
+                          packing="cut", figure2="failed", imagenet="skipped")
     assert [(f["part"], f["what"]) for f in report["failures"]] == [
         ("tests", "tests.test_cuda::test_bad"), ("step", "step"), ("figure2", "conv6x1.0 iterand")]
     assert report["parts"]["step"]["error"].startswith("ValueError: broken")
