@@ -30,6 +30,8 @@ LATE_IMPORTS = {
     ("data.readers", "torchvision.datasets"): "a slow import (about 2 s), only for files on disk",
     ("data.readers", "torchvision.datasets.utils"): "the same package",
     ("data.augment", "torchvision.transforms"): "the same slow import, only for ImageNet",
+    ("data.jpeg", "torchvision.io.ImageReadMode"): "the same slow import, only for ImageNet's JPEGs",
+    ("data.jpeg", "torchvision.io.decode_jpeg"): "the same",
     ("resources", "iterand_tune.models.estimate_macs"): "torch: --help and --dry-run need no GPU share",
     ("resources", "ray"): "a GPU machine without Ray still uses gpu_share and the checks",
     ("resources", "ray.util.scheduling_strategies"): "the same; a submodule ray does not load",

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from .readers import DataError
@@ -83,8 +84,6 @@ def device_refusal(data: bytes) -> Optional[str]:
 def pil_rgb(data: bytes, name: str) -> Tensor:
     """An image file's bytes decoded by PIL and converted to RGB, as torchvision's ImageFolder loads
     it: uint8 [3, H, W]. DataError naming the file when PIL cannot read it either."""
-    from PIL import Image  # torchvision's dependency; only files the device cannot decode need it
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             rgb = np.asarray(img.convert("RGB"))
@@ -179,8 +178,6 @@ def device_decode_problem(device: str) -> Optional[str]:
     """None when torchvision.io.decode_jpeg decodes on `device` here; else why not, in one line (a
     torchvision built without nvJPEG, a missing library)."""
     try:
-        from PIL import Image
-
         buffer = io.BytesIO()
         Image.new("RGB", (16, 8), (200, 30, 90)).save(buffer, format="JPEG", quality=95)
         (image,) = _decode_jpeg([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)],
