@@ -34,6 +34,15 @@ def _module(nodeid: str) -> str:
     return nodeid.split("::")[0]
 
 
+def pytest_configure(config):
+    # Under `make test` two workers share the machine's CPUs with the Ray trials they start: one
+    # torch thread per worker keeps their OpenMP threads from spinning against each other.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch  # the controller process (no worker) needs no torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(name in item.fixturenames for name in RAY_FIXTURES):
