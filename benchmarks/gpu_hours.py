@@ -1,6 +1,7 @@
 """GPU-hours per figure from the epoch times of a benchmarks/gpu_check.py report: a trial costs
 epochs x full-epoch seconds x its GPU share / 3600; models the check did not time follow a power
-law in forward MACs through those it did (docs/gpu.md, "Reading the report").
+law in forward MACs through those it did (docs/gpu.md, "Reading the report"). Figure 3's trials
+(one GPU each) cost what the report's imagenet part measured for their network and pipeline.
 
 Usage: python benchmarks/gpu_hours.py [gpu-check/report.json] [--detail]
 """
@@ -24,7 +25,8 @@ from gpu_check import part_rows  # noqa: E402 - the report's reader, after the p
 
 # (label, experiment file, trials the paper's grid has)
 FIGURES = (("figure 1", "experiments/figure1.py", 36), ("figure 2", "experiments/figure2.py", 180),
-           ("examples", "experiments/examples.py", 3))
+           ("figure 3", "experiments/figure3.py", 8), ("examples", "experiments/examples.py", 3))
+IMAGENET_FIGURE = "figure 3"  # costed from the imagenet part, not from the CIFAR-sized epoch times
 FALLBACK_FAMILY = {"resnet34": "resnet18", "resnet50": "resnet18", "resnet101": "resnet18"}
 
 
@@ -91,6 +93,27 @@ class EpochTimes:
         return math.exp(a + b * math.log(macs))
 
 
+class ImageNetHours:
+    """GPU-hours of a figure-3 trial per (model, pipeline), from the report's imagenet part: measured
+    for the networks it stepped, else a power law in forward MACs at 224 x 224 through them."""
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        self.points = {(r["model"], r["pipeline"]): float(r["hours"]) for r in part_rows(report, "imagenet")
+                       if r.get("what") == "hours" and r.get("hours")}
+        self.default_pipeline = "device" if report.get("mode") == "cuda" else "pil"
+
+    def hours(self, trial: dict[str, Any]) -> tuple[Optional[float], bool]:
+        from iterand_tune.models import estimate_macs
+
+        pipeline = trial.get("imagenet_decode") or self.default_pipeline
+        if (trial["model"], pipeline) in self.points:
+            return self.points[(trial["model"], pipeline)], True
+        pts = [(float(estimate_macs(m, 224, 1000)), h) for (m, p), h in self.points.items() if p == pipeline]
+        if not pts:
+            return None, False
+        return EpochTimes._power_law(pts, float(estimate_macs(trial["model"], 224, 1000))), False
+
+
 def hours_table(report: dict[str, Any], detail: bool = False) -> str:
     """The GPU-hours of every figure from a gpu_check report, with the method stated."""
     from iterand_tune.resources import gpu_share
@@ -104,7 +127,7 @@ def hours_table(report: dict[str, Any], detail: bool = False) -> str:
                f"report of {report.get('created', '?')})"
     else:
         head = f"GPU-hours per figure from a CPU run ({where}): NOT GPU figures, only the arithmetic"
-    times = EpochTimes(report)
+    times, imagenet = EpochTimes(report), ImageNetHours(report)
     lines = [head, "", f"{'figure':<10}{'trials':>7}{'GPU-hours':>11}{'measured':>10}{'extrapolated':>14}"
              f"{'no estimate':>13}"]
     details = []
@@ -114,12 +137,16 @@ def hours_table(report: dict[str, Any], detail: bool = False) -> str:
         trials = figure_trials(os.path.join(ROOT, rel))
         for t in trials:
             method = method_of(t["train_mode"], t["rerand_mode"], t["rerand_lambda"])
-            seconds, exact = times.seconds(t["model"], method)
-            if seconds is None:
+            if label == IMAGENET_FIGURE:
+                (hours, exact), share = imagenet.hours(t), 1.0
+                seconds = None if hours is None else hours * 3600 / t["epochs"]  # a trial's epoch
+            else:
+                seconds, exact = times.seconds(t["model"], method)
+                share = gpu_share(t["model"], t["dataset"])
+                hours = None if seconds is None else t["epochs"] * seconds * share / 3600
+            if hours is None:
                 missing += 1
                 continue
-            share = gpu_share(t["model"], t["dataset"])
-            hours = t["epochs"] * seconds * share / 3600
             total += hours
             measured += exact
             extrapolated += not exact
@@ -139,7 +166,10 @@ def hours_table(report: dict[str, Any], detail: bool = False) -> str:
               "their default shares): the last epoch without its evaluation, scaled to a full epoch's "
               "iterations, plus the evaluation. Models or methods not measured follow a power law of "
               "epoch time in forward MACs through the measured points of the same method (ResNet34 "
-              "on ResNet18's); 'no estimate': nothing measured for that method."]
+              "on ResNet18's); 'no estimate': nothing measured for that method. Figure 3 (one GPU a "
+              "trial): the imagenet part's GPU-hours of a trial, each phase at the slower of its loader "
+              "and its step on the trial's pipeline (device decoding on CUDA); networks it did not step "
+              "follow a power law in forward MACs at 224 x 224 through those it did, whatever the method."]
     return "\n".join(lines + details)
 
 
@@ -169,8 +199,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (OSError, json.JSONDecodeError) as err:
         print(f"gpu_hours: cannot read {args.report}: {err}", file=sys.stderr)
         return 2
-    if not any("full_epoch_s_est" in t for t in part_rows(report, "figure2")):
-        print(f"gpu_hours: {args.report} has no figure-2 epoch times (was that part skipped?)\n")
+    if not any("full_epoch_s_est" in t for t in part_rows(report, "figure2")) and not ImageNetHours(report).points:
+        print(f"gpu_hours: {args.report} has no figure-2 epoch times and no imagenet GPU-hours "
+              "(were those parts skipped?)\n")
         print(estimates_table())
         return 0
     print(hours_table(report, args.detail))

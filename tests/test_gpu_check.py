@@ -683,6 +683,28 @@ def test_gpu_hours_from_a_report(gpu_hours, tmp_path, capsys):
     assert "Method:" in out and "power law" in out and "(extrapolated)" in out
 
 
+def test_figure3_costs_what_the_imagenet_part_measured(gpu_hours, tmp_path, capsys):
+    report = _hours_report()
+    hours = {("resnet50", "device"): 20.0, ("resnet101", "device"): 35.0, ("resnet50", "pil"): 90.0,
+             ("resnet101", "pil"): 95.0}
+    report["parts"]["imagenet"] = dict(state="done", rows=[
+        dict(what="hours", model=m, pipeline=p, hours=h, epochs=105) for (m, p), h in hours.items()])
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    assert gpu_hours.main([str(path), "--detail"]) == 0
+    out = capsys.readouterr().out
+    row = next(line.split()[2:] for line in out.splitlines() if line.startswith("figure 3 "))
+    # Edge-popup and IteRand on ResNet50 and ResNet101 measured (device decoding on CUDA); ResNet34's
+    # three trials and ResNet18's SGD trial follow the power law through them, below ResNet50's 20.
+    assert row[0] == "8" and row[2:] == ["4", "4", "0"]
+    assert 2 * (20.0 + 35.0) < float(row[1]) < 2 * (20.0 + 35.0) + 4 * 20.0
+    times = gpu_hours.ImageNetHours(report)
+    assert times.hours(dict(model="resnet50")) == (20.0, True)
+    assert times.hours(dict(model="resnet50", imagenet_decode="pil")) == (90.0, True)
+    r34, exact = times.hours(dict(model="resnet34"))
+    assert not exact and 0 < r34 < 20.0
+
+
 def test_gpu_hours_power_law_goes_through_the_measured_points(gpu_hours):
     times = gpu_hours.EpochTimes(_hours_report())
     assert times.seconds("resnet18x1.0", "iterand") == (10.0, True)
