@@ -260,7 +260,7 @@ def load_yaml(path: str, keys: Sequence[str]) -> list[Experiment]:
 def _from_yaml_entry(name: str, entry: dict[str, Any], path: str) -> Experiment:
     config: dict[str, Any] = {}
     grid: dict[str, list] = {}
-    gpus = None
+    splits = None
     for key, value in entry.items():
         if key == "parallel_grid":
             if value is None:
@@ -270,10 +270,11 @@ def _from_yaml_entry(name: str, entry: dict[str, Any], path: str) -> Experiment:
             for gkey, values in value.items():
                 grid[YAML_RENAMED.get(gkey, gkey)] = values if isinstance(values, list) else [values]
         elif key == "num_gpus":
-            # The original ran one process per GPU; only a request for several GPUs carries
-            # over, so that single-GPU trials keep their fractional share.
-            if isinstance(value, (int, float)) and value > 1:
-                gpus = value
+            # The original split a trial's batch over num_gpus GPUs (DataParallel), each
+            # normalising its part: here one whole GPU computes the same with bn_splits, as
+            # figure3.py does. Single-GPU trials keep their fractional share.
+            if isinstance(value, int) and value > 1:
+                splits = value
         elif key in YAML_IGNORED:
             continue
         else:
@@ -283,7 +284,9 @@ def _from_yaml_entry(name: str, entry: dict[str, Any], path: str) -> Experiment:
             del config[key]  # the grid decides
     if isinstance(config.get("lr_milestones"), list):
         config["lr_milestones"] = tuple(config["lr_milestones"])
+    if splits is not None and "bn_splits" not in grid:
+        config.setdefault("bn_splits", splits)
     try:
-        return Experiment(name=name, config=config, grid=grid, gpus_per_trial=gpus)
+        return Experiment(name=name, config=config, grid=grid, gpus_per_trial=None if splits is None else 1.0)
     except (ExperimentError, ConfigError) as err:
         raise ExperimentError(f"{path}: {err}") from None

@@ -420,23 +420,17 @@ def test_yaml_import_equals_python_experiment(original_yaml, key, python_file):
     # figure3.py turns dataset_download off (ImageNet cannot be fetched); the original leaves the
     # inert default on. Everything else must agree value for value.
     drop = ("dataset_dir", "dataset_download") if key.startswith("figure3") else ("dataset_dir",)
-    if key == "figure3_resnet50_sc_iterand":
-        # The original's num_gpus: 2 imports as 2 GPUs, DataParallel's replicas each normalising
-        # their half of the batch; figure3.py computes the same on one GPU with bn_splits=2.
-        drop += ("bn_splits",)
-        assert {t["bn_splits"] for t in from_yaml.trials()} == {1}
-        assert {t["bn_splits"] for t in from_python.trials()} == {2}
-        assert (from_yaml.gpus_per_trial, from_python.gpus_per_trial) == (2, 1)
-    else:
-        assert from_yaml.gpus_per_trial == from_python.gpus_per_trial
+    assert from_yaml.gpus_per_trial == from_python.gpus_per_trial
     assert canonical(from_yaml.trials(), drop) == canonical(from_python.trials(), drop)
     assert {t["dataset_dir"] for t in from_yaml.trials()} == {"__data__"}
 
 
 def test_yaml_num_gpus(original_yaml):
+    # The original's num_gpus: 2 split the batch over two GPUs, each normalising its half: one GPU
+    # computing BatchNorm over each half (bn_splits=2) is the same, as figure3.py runs it.
     two, one = load(original_yaml, ["figure3_resnet50_sc_iterand", "figure3_resnet34_sc_iterand"])
-    assert two.gpus_per_trial == 2
-    assert one.gpus_per_trial is None  # num_gpus: 1 keeps the fractional share by model size
+    assert (two.gpus_per_trial, {t["bn_splits"] for t in two.trials()}) == (1.0, {2})
+    assert (one.gpus_per_trial, {t["bn_splits"] for t in one.trials()}) == (None, {1})
 
 
 def test_yaml_renames_and_grid(original_yaml):
