@@ -765,7 +765,11 @@ def _search(run: Run) -> dict[str, Any]:
             name=name, searched=[_option_name(k) for k in searched], max_epochs=max_epochs,
             samples=[{**s, "chosen": s["trial_id"] == chosen_id,
                       "best": _cell(s["best_val_acc"], ".2f")} for s in samples],
-            img=img, chosen=(", ".join(f"{k}={_cell(v, '.4g') if isinstance(v, float) else v}"
+            img=img, unchosen=None if best else (
+                "No sample can be chosen: each one that reported diverged or ended in an error."
+                if any(x["best_val_acc"] is not None for x in samples)
+                else "No sample has reported a validation accuracy yet."),
+            chosen=(", ".join(f"{k}={_cell(v, '.4g') if isinstance(v, float) else v}"
                                        for k, v in best["searched"].items())
                              + f" (best val. acc. {best['best_val_acc']:.2f}% at epoch "
                              f"{best['best_epoch']}, sample {next((s['sample'] for s in samples if s['trial_id'] == chosen_id), '?')})"
@@ -1109,11 +1113,12 @@ This page checks that claim on the run above and shows everything behind the ver
 {% if s.search.ok %}{% set q = s.search.data %}
 <p>Each figure point had its own search{% if q.per_point %} of {{ q.per_point }} samples{% endif %}: TPE proposed
 configurations, ASHA stopped the weaker ones early on validation accuracy, and the chosen
-configuration is the sample with the best validation accuracy. Reproduce the chosen ones with
+configuration is the sample with the best validation accuracy (a sample that diverged or ended in
+an error is never chosen). Reproduce the chosen ones with
 three seeds and test accuracy: <code>{{ q.from_search }}</code></p>
 {% for p in q.points %}
 <h3>{{ p.name }}</h3>
-{% if p.chosen %}<p>Chosen: <b>{{ p.chosen }}</b></p>{% else %}<p class="small">No sample has reported a validation accuracy yet.</p>{% endif %}
+{% if p.chosen %}<p>Chosen: <b>{{ p.chosen }}</b></p>{% else %}<p class="small">{{ p.unchosen }}</p>{% endif %}
 {% if p.img %}<img alt="search of {{ p.name }}" src="{{ p.img }}">{% endif %}
 <table><tr><th>sample</th>{% for k in p.searched %}<th>{{ k }}</th>{% endfor %}<th>epochs</th><th>best val. acc. %</th><th>outcome</th></tr>
 {% for x in p.samples %}<tr{% if x.chosen %} class="chosen"{% endif %}><td class="num">{{ x.sample }}{% if x.chosen %} (chosen){% endif %}</td>{% for v in x.cells %}<td class="num">{{ v }}</td>{% endfor %}<td class="num">{{ x.epochs if x.epochs is not none else '-' }}/{{ p.max_epochs }}</td><td class="num">{{ x.best }}</td><td>{{ x.where }}</td></tr>{% endfor %}

@@ -23,7 +23,7 @@ from .experiments import Experiment, all_trials, load, prepare, select
 from .resources import check_address, check_gpus
 from .runs import RUN_FILE, read_marker
 from .search_plan import DEFAULT_NUM_SAMPLES, DEFAULT_REDUCTION_FACTOR, Point, default_grace_period, \
-    points
+    points, reproduction, searched_best
 from .storage import RunError, absolute, exists, join_path, newest_run
 from .terminal import OneLineParser, UsageError, format_table, run_main
 from .tracking import MLFLOW_DEFAULT, Tracking, check_installed, mlflow_uri, wandb_offline_runs, \
@@ -632,8 +632,7 @@ def _run_search(run: Any, args: argparse.Namespace, opts: Any) -> int:
 
 def _from_search(args: argparse.Namespace) -> list[Experiment]:
     """The best configurations of a search run, as experiments of seeds 1-3 (FIFO)."""
-    search = _search()
-    rows = search.searched_best(absolute(args.from_search))
+    rows = searched_best(absolute(args.from_search))
     names = {e.name for e in load(args.file, args.keys)}
     if args.only:
         names &= set(args.only)
@@ -642,7 +641,7 @@ def _from_search(args: argparse.Namespace) -> list[Experiment]:
         raise UsageError(f"{args.from_search} has no best configuration of "
                          f"{', '.join(sorted(names))}; it has: "
                          f"{', '.join(sorted({r['experiment'] for r in rows}))}")
-    return prepare(search.reproduction(picked), _values(args), args.smoke_test)
+    return prepare(reproduction(picked), _values(args), args.smoke_test)
 
 
 USER_ERRORS = (ConfigError, ExperimentError, RunError)  # and DataError, see _data_errors

@@ -21,12 +21,11 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.hyperopt import HyperOptSearch
 
-from .config import ExperimentError
 from .experiments import Experiment
 from .ray_assumptions import ENDED, ERROR, trial_storage
-from .runs import ORDER_KEY, POINT_KEY, SAMPLE_KEY, SEEN_KEY, ReadError, Run, read_reports, read_run
+from .runs import ORDER_KEY, POINT_KEY, SAMPLE_KEY, SEEN_KEY, Run, read_reports
 from .search_plan import (DEFAULT_NUM_SAMPLES, DEFAULT_REDUCTION_FACTOR, Point,  # noqa: F401
-                          best_row, best_rows, default_grace_period, points)
+                          best_rows, default_grace_period, points)
 from .storage import TRIAL_KEY, join_path, open_storage
 from .terminal import format_table
 from .tune.runner import grid_marker
@@ -35,7 +34,6 @@ from .vocabulary import VALIDATION_METRIC
 
 METRIC, MODE, TIME_ATTR = VALIDATION_METRIC, "max", "epoch"  # what TPE and ASHA optimise, ASHA's clock
 BEST_CONFIGS = "best_configs"       # best_configs.parquet / best_configs.json in the run's folder
-REPRODUCE_SEEDS = (1, 2, 3)
 
 
 # ------------------------------------------------------------------ each point's TPE
@@ -353,37 +351,3 @@ def write_best_configs(rows: Sequence[Mapping[str, Any]], run_path: str) -> list
     return [join_path(run_path, BEST_CONFIGS + ".parquet"), join_path(run_path, BEST_CONFIGS + ".json")]
 
 
-def searched_best(run_path: str) -> list[dict[str, Any]]:
-    """The best configuration of every point of a finished search run, read from its folder
-    through the run reader (as the search's own summary chose them); ExperimentError when the
-    folder holds no finished search."""
-    try:
-        run = read_run(run_path)
-    except ReadError as err:
-        raise ExperimentError(f"--from-search: {err}") from None
-    marker = run.marker or {}
-    if run.kind != "search":
-        raise ExperimentError(f"--from-search: {run_path} is not a --search run "
-                              f"({'its run.json says ' + repr(run.kind) if run.marker else 'no run.json'})")
-    total = int(marker.get("num_samples") or 0) * len(marker.get("points") or [])
-    ended = sum(t.ended for t in run.started)
-    if ended < total:
-        raise ExperimentError(f"--from-search: the search at {run_path} has ended {ended} of its "
-                              f"{total} trials: resume it first (its `continue with:` line)")
-    rows, _, _ = best_rows(run)
-    if not rows:
-        raise ExperimentError(f"--from-search: no trial of {run_path} reported a validation accuracy")
-    return rows
-
-
-def reproduction(rows: Sequence[Mapping[str, Any]],
-                 seeds: Sequence[int] = REPRODUCE_SEEDS) -> list[Experiment]:
-    """One experiment per best configuration, its seeds as the grid (FIFO, test accuracy)."""
-    out = []
-    for r in rows:
-        config = {k: v for k, v in r["config"].items() if k != "seed"}
-        if isinstance(config.get("lr_milestones"), list):
-            config["lr_milestones"] = tuple(config["lr_milestones"])
-        config["evaluate_test"] = True
-        out.append(Experiment(name=r["experiment"], config=config, grid={"seed": list(seeds)}))
-    return out

@@ -9,13 +9,14 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-from .config import TrialConfig
+from .config import ExperimentError, TrialConfig
 from .experiments import Experiment
-from .runs import Run
+from .runs import ReadError, Run, read_run
 from .search_space import Domain, cast
 
 DEFAULT_NUM_SAMPLES = 20            # trials per figure point
 DEFAULT_REDUCTION_FACTOR = 3        # ASHA keeps the best third at each rung
+REPRODUCE_SEEDS = (1, 2, 3)         # --from-search trains each best configuration with these seeds
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def best_rows(run: Run) -> tuple[list[dict[str, Any]], list[str], int]:
             continue
         errored += t.status == "errored"
         trials.setdefault(t.slot[1], []).append(({"experiment": t.config.get("experiment"),
-                                                   **t.config}, t.last, t.display or ""))
+                                                   **t.config}, t.last, t.status))
     rows = []
     for name in trials:
         row = best_row(name, (marker.get("searched") or {}).get(name, []),
@@ -88,11 +89,12 @@ def best_rows(run: Run) -> tuple[list[dict[str, Any]], list[str], int]:
 
 def best_row(point: str, searched: Sequence[str], max_epochs: int,
              trials: Sequence[tuple[dict, dict, str]]) -> Optional[dict[str, Any]]:
-    """The point's best trial: highest `best_val_acc` (its best validation accuracy over the
-    epochs it ran, stopped early or not); ties go to the trial that trained longer. A trial
-    that diverged (training loss not finite) is never the best: its configuration is unstable."""
-    scored = [(m["best_val_acc"], m.get("epoch", 0), -i, t, m) for i, (t, m, _) in enumerate(trials)
-              if m.get("best_val_acc") is not None and not m.get("diverged")]
+    """The point's best trial of (config, last report, status) triples: highest `best_val_acc`
+    (its best validation accuracy over the epochs it ran, stopped early or not); ties go to the
+    trial that trained longer. A trial that diverged (training loss not finite) or ended in an
+    error is never the best: its configuration is unstable, or its reports stop short."""
+    scored = [(m["best_val_acc"], m.get("epoch", 0), -i, t, m) for i, (t, m, status) in enumerate(trials)
+              if m.get("best_val_acc") is not None and not m.get("diverged") and status != "errored"]
     if not scored:
         return None
     acc, epochs, _, trial, metrics = max(scored, key=lambda s: s[:3])
@@ -114,3 +116,39 @@ def best_row(point: str, searched: Sequence[str], max_epochs: int,
         "epochs_spent": int(sum(m.get("epoch", 0) or 0 for _, m, _ in trials)),
         "config": cfg.to_dict(),
     }
+
+
+def searched_best(run_path: str) -> list[dict[str, Any]]:
+    """The best configuration of every point of a finished search run, read from its folder
+    through the run reader (as the search's own summary chose them); ExperimentError when the
+    folder holds no finished search."""
+    try:
+        run = read_run(run_path)
+    except ReadError as err:
+        raise ExperimentError(f"--from-search: {err}") from None
+    marker = run.marker or {}
+    if run.kind != "search":
+        raise ExperimentError(f"--from-search: {run_path} is not a --search run "
+                              f"({'its run.json says ' + repr(run.kind) if run.marker else 'no run.json'})")
+    total = int(marker.get("num_samples") or 0) * len(marker.get("points") or [])
+    ended = sum(t.ended for t in run.started)
+    if ended < total:
+        raise ExperimentError(f"--from-search: the search at {run_path} has ended {ended} of its "
+                              f"{total} trials: resume it first (its `continue with:` line)")
+    rows, _, _ = best_rows(run)
+    if not rows:
+        raise ExperimentError(f"--from-search: no trial of {run_path} reported a validation accuracy")
+    return rows
+
+
+def reproduction(rows: Sequence[Mapping[str, Any]],
+                 seeds: Sequence[int] = REPRODUCE_SEEDS) -> list[Experiment]:
+    """One experiment per best configuration, its seeds as the grid (FIFO, test accuracy)."""
+    out = []
+    for r in rows:
+        config = {k: v for k, v in r["config"].items() if k != "seed"}
+        if isinstance(config.get("lr_milestones"), list):
+            config["lr_milestones"] = tuple(config["lr_milestones"])
+        config["evaluate_test"] = True
+        out.append(Experiment(name=r["experiment"], config=config, grid={"seed": list(seeds)}))
+    return out

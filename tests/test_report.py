@@ -348,8 +348,9 @@ def test_a_search_run_shows_each_points_samples_where_asha_stopped_and_the_choic
     assert "1 0.9 0.5 1/3 10.00 stopped by ASHA after epoch 1" in words
     assert "2 (chosen) 0.3 0.2 3/3 35.00 finished" in words
     assert "0 2 1/3 10.00 diverged at epoch 1" in words
-    # The search's own rule (iterand_tune.search.best_row) may choose a sample that errored later
-    assert "1 (chosen) 0.01 2/3 20.00 errored: ValueError: bad" in words
+    # The search's own rule (search_plan.best_row) never chooses a sample that diverged or errored.
+    assert "1 0.01 2/3 20.00 errored: ValueError: bad" in words and "(chosen) 0.01" not in words
+    assert "pb No sample can be chosen: each one that reported diverged or ended in an error." in words
     assert set(verdicts(text).values()) == {NOT_COVERED}
     assert "a --search run measures validation accuracy only" in words
 

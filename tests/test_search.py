@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -13,10 +15,9 @@ import pytest
 from iterand_tune.cli import main
 from iterand_tune.experiments import Experiment, load
 from iterand_tune.search import (POINT_KEY, PointScheduler, PointSearcher, default_grace_period,
-                                 n_initial_points, point_seed, points, reproduction,
-                                 write_best_configs)
+                                 n_initial_points, point_seed, points, write_best_configs)
 from iterand_tune.runs import read_run
-from iterand_tune.search import searched_best
+from iterand_tune.search_plan import best_row, reproduction, searched_best
 from iterand_tune.search_space import LogUniform, QUniform
 
 from helpers import DIGITS, kill_driver_when, resume, run_rows, trial_states, write_digits
@@ -354,3 +355,24 @@ def test_search_of_two_points_keeps_them_apart(killed_search, capsys):
         assert sorted(t["seed"] for t in mine) == [1, 2, 3]
         assert {t["lr"] for t in mine} == {float(table.set_index("point").loc[name, "lr"])}
         assert all(t["evaluate_test"] for t in mine)
+
+    # ... reading the search's folder without torch or Ray, as every --dry-run does.
+    code = ("import contextlib, io, sys\nfrom iterand_tune.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    rc = main([{killed_search.exp!r}, '--from-search', {str(run_dir)!r}, '--dry-run'])\n"
+            "print(rc, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'hyperopt'}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split("\n")[0] == "0 []", proc.stdout + proc.stderr
+
+
+def test_best_row_never_chooses_a_diverged_or_errored_trial():
+    def sample(lr, best, epoch, status="finished", **extra):
+        config = dict(experiment="p", dataset="digits", model="conv6x0.25", lr=lr)
+        return config, dict(best_val_acc=best, epoch=epoch, best_epoch=epoch, trial_id=f"t{lr}", **extra), status
+
+    trials = [sample(0.1, 60.0, 3), sample(0.2, 90.0, 2, "errored"), sample(0.3, 95.0, 1, diverged=True),
+              sample(0.4, 60.0, 2, "stopped")]
+    row = best_row("p", ["lr"], 3, trials)
+    # 0.2 and 0.3 score higher but errored and diverged; of the two at 60%, the longer-trained wins.
+    assert (row["searched"], row["trial_id"], row["trials"], row["epochs_spent"]) == ({"lr": 0.1}, "t0.1", 4, 8)
+    assert best_row("p", ["lr"], 3, trials[1:3]) is None
