@@ -129,6 +129,9 @@ class StopHere(Exception):
     pass
 
 
+SWITCHES = (runner.ray_env.SYNC_WARNING, runner.ray_env.OLD_OUTPUT)  # Ray's, set for a run
+
+
 @pytest.fixture
 def fake_tuner(monkeypatch):
     """`tune.run` up to the Tuner, on a pretend cluster of one node with 4 CPUs and a GPU: the
@@ -136,10 +139,13 @@ def fake_tuner(monkeypatch):
     import ray.tune as tune
 
     seen = []
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
 
     def tuner(trainable, tune_config, run_config):
         seen.append(SimpleNamespace(trainable=trainable, tune_config=tune_config,
-                                    run_config=run_config))
+                                    run_config=run_config,
+                                    switches={name: os.environ.get(name) for name in SWITCHES}))
         raise StopHere
 
     monkeypatch.setattr(tune, "Tuner", tuner)
@@ -161,6 +167,9 @@ def test_actor_reuse_flag_reaches_the_tuner(tmp_path, fake_tuner, flag, reuse):
         main([exp, "--storage-path", str(tmp_path / "r"), "--max-failures", "5", *flag])
     (seen,) = fake_tuner
     assert (seen.tune_config.reuse_actors, seen.run_config.failure_config.max_failures) == (reuse, 5)
+    # Ray's switches are set while the Tuner is built, and gone when the run has ended.
+    assert seen.switches == dict.fromkeys(SWITCHES, "0")
+    assert not set(SWITCHES) & set(os.environ)
 
 
 @pytest.mark.slow

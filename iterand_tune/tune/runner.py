@@ -66,10 +66,6 @@ def run(opts: RunOptions, echo: Callable[[str], None] = say, search: Any = None)
     """Run (or resume) the trials of `opts.marker` (a grid run) as one Ray Tune run; return its
     summary. With `search` (an iterand_tune.search.SearchRun) its searcher proposes the samples
     of its points and its scheduler stops weak ones, and the summary is the search's."""
-    # A snapshot per second checkpoint is what keeps resume exact; do not warn about it.
-    os.environ.setdefault(ray_env.SYNC_WARNING, "0")
-    if opts.verbose < 2:  # our own progress lines; the new output engine prints its box anyway
-        os.environ.setdefault(ray_env.OLD_OUTPUT, "0")
     trials = opts.planned if search is None else [p.trial({}) for p in search.points]
     if opts.address is None and not os.environ.get("RAY_ADDRESS"):
         # Every trial will run on this machine: fetch or check each dataset once, here,
@@ -77,8 +73,22 @@ def run(opts: RunOptions, echo: Callable[[str], None] = say, search: Any = None)
         needed = {(t["dataset"], t["dataset_dir"], t["dataset_download"]) for t in trials}
         for name, root, download in sorted(needed):
             prepare_dataset(name, root, download=download)
-    with Interrupts() as interrupts, QuietRay(opts.verbose < 2):
-        return _run(opts, echo, search, interrupts, trials)
+    # A snapshot per second checkpoint is what keeps resume exact: no warning about it. Without
+    # --verbose 2 our own progress lines replace Ray's (its new output engine prints its box
+    # anyway). Put back when the run ends, for a caller that goes on (a notebook, the tests).
+    switches = {ray_env.SYNC_WARNING: "0", **({ray_env.OLD_OUTPUT: "0"} if opts.verbose < 2 else {})}
+    before = {name: os.environ.get(name) for name in switches}
+    for name, value in switches.items():
+        os.environ.setdefault(name, value)
+    try:
+        with Interrupts() as interrupts, QuietRay(opts.verbose < 2):
+            return _run(opts, echo, search, interrupts, trials)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _requests(opts: RunOptions, have_gpus: bool) -> Callable[[dict[str, Any]], tuple[float, float]]:
