@@ -893,8 +893,8 @@ def build_report(run_path: PathLike, claims: Optional[PathLike] = None) -> Repor
     """The report (`render_report`) and a one-line summary of it."""
     path = os.fspath(run_path)
     run = _read(path)
-    results = _section(lambda: load_results(path))
-    history = _section(lambda: load_history(path))
+    results = _section(lambda: load_results(run))  # the folder is read once, here
+    history = _section(lambda: load_history(run))
     trials = results["data"] if results["ok"] else None
     claims_file = os.fspath(claims) if claims is not None else claims_for(run.marker)
     notes = list(dict.fromkeys(e.get("note") for e in ((run.marker or {}).get("experiments") or {}).values()

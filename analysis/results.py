@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from iterand_tune.config import FIELD_NAMES, TrialConfig, field_type
-from iterand_tune.runs import ReadError, TrialRecord, read_run
+from iterand_tune.runs import ReadError, Run, TrialRecord, read_run
 from iterand_tune.storage import open_storage
 from iterand_tune.terminal import POINT_STATS
 from iterand_tune.vocabulary import METRICS, POINT_LABELS, labels, point_fields, point_rows
@@ -76,8 +76,11 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def _read_run(path: PathLike) -> list[TrialRecord]:
-    """Every trial of the run at `path`, through the project's one run reader."""
+def _read_run(path: Union[PathLike, Run]) -> list[TrialRecord]:
+    """Every trial of the run at `path`, through the project's one run reader (or of the Run it
+    already read)."""
+    if isinstance(path, Run):
+        return path.trials
     try:
         return read_run(os.fspath(path)).trials
     except ReadError as err:
@@ -146,8 +149,9 @@ def _label_dtypes() -> dict[str, str]:
 
 # ------------------------------------------------------------------ public tables
 
-def load_results(path: PathLike) -> pd.DataFrame:
-    """One row per trial of the run at `path` (a folder or a URI such as s3://bucket/run).
+def load_results(path: Union[PathLike, Run]) -> pd.DataFrame:
+    """One row per trial of the run at `path` (a folder or a URI such as s3://bucket/run, or a
+    Run that iterand_tune.runs.read_run already read).
 
     Columns: `trial_id`, the figure-point labels `experiment, network, width, model, method`
     (sgd / edgepopup / iterand) and `init` (ku / sc / other init modes by name), `status`
@@ -174,8 +178,8 @@ def load_results(path: PathLike) -> pd.DataFrame:
     return _typed(records, dtypes)
 
 
-def load_history(path: PathLike) -> pd.DataFrame:
-    """One row per trial and epoch of the run at `path`: `trial_id`, the figure-point labels,
+def load_history(path: Union[PathLike, Run]) -> pd.DataFrame:
+    """One row per trial and epoch of the run at `path` (as for `load_results`): `trial_id`, the figure-point labels,
     `seed`, `status`, every reported metric (`epoch`, `train_acc`, ..., `lr`; `test_acc` and
     `test_loss` only on the last epoch) and Ray's `time_this_iter_s`, `time_total_s`,
     `timestamp`. An epoch reported twice (re-run after a resume) keeps its last report. Join

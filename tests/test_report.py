@@ -19,6 +19,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import analysis.report as report_module
+import analysis.results as results_module
 from analysis import load_results
 from analysis.cli import main as analysis_main
 from analysis.report import (HELD, NOT_COVERED, NOT_HELD, ClaimsError, Claim, build_report,
@@ -241,10 +243,14 @@ CLAIMS = """claims:
 """
 
 
-def test_a_cifar10_run_gets_the_verdicts_its_numbers_give(cifar_run, tmp_path):
+def test_a_cifar10_run_gets_the_verdicts_its_numbers_give(cifar_run, tmp_path, monkeypatch):
     claims = tmp_path / "claims.yaml"
     claims.write_text(CLAIMS)
+    reads = []
+    for module in (report_module, results_module):  # a run on S3: every read lists the bucket
+        monkeypatch.setattr(module, "read_run", lambda path, real=module.read_run: reads.append(path) or real(path))
     report = build_report(str(cifar_run), claims=str(claims))
+    assert reads == [str(cifar_run)]  # the run's folder is read once for the whole report
     page = Page(report.html)
     assert verdicts(report.html) == {"small": HELD, "wider": NOT_HELD, "imagenet": NOT_COVERED}
     assert report.summary == "run finished, 12 of 12 trials ended; claims: 1 held, 1 not held, 1 not covered"
