@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 from types import SimpleNamespace
 
@@ -80,6 +81,37 @@ def ray_cluster():
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+# Dummy credentials: the driver's environment, which the Ray workers it starts inherit.
+AWS = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+           AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")
+
+
+@pytest.fixture
+def s3_storage(monkeypatch, tmp_path):
+    """`s3://bucket/runs?endpoint_override=127.0.0.1:PORT&scheme=http` on a moto server."""
+    moto_server = pytest.importorskip("moto.server")
+    import pyarrow.fs as pafs
+
+    for key, value in AWS.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "RAY_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    # No credentials or settings of this machine's user reach the test.
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        query = f"endpoint_override={host}:{port}&scheme=http"
+        fs, _ = pafs.FileSystem.from_uri(f"s3://bucket?{query}&allow_bucket_creation=true")
+        fs.create_dir("bucket")
+        yield f"s3://bucket/runs?{query}"
+    finally:
+        server.stop()
 
 
 # The shared run: two methods (edge-popup with KU weights, IteRand with SC weights) x two

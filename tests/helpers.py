@@ -166,16 +166,16 @@ def trained_here(trial: Mapping[str, Any]) -> list[dict]:
 # ------------------------------------------------------------------ drivers killed and resumed
 
 def wait_for(predicate: Callable[[], Any], proc: subprocess.Popen, what: str,
-             timeout: float = 300, show: Optional[Callable[[], Any]] = None) -> Any:
-    """Poll `predicate` until it returns something true (returned) while the driver `proc`
-    runs; fails the test when the driver ends first or after `timeout` seconds."""
+             timeout: float = 300, show: Optional[Callable[[], Any]] = None, every: float = 0.1) -> Any:
+    """Poll `predicate` every `every` seconds until it returns something true (returned) while
+    the driver `proc` runs; fails the test when the driver ends first or after `timeout` seconds."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         assert proc.poll() is None, f"the run ended before {what}"
-        time.sleep(0.1)
+        time.sleep(every)
     pytest.fail(f"timed out waiting for {what}" + (f": {show()}" if show else ""))
 
 

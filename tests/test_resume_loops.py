@@ -1,6 +1,8 @@
 """Runs interrupted and resumed for real, on the session's Ray: a grid and a search, one and two
 trials at a time, the driver killed (SIGKILL) or stopped (SIGINT) at several moments (before the
-first report, mid-run, after the last trial ended, while a checkpoint is being written). Every
+first report, mid-run, after the last trial ended, while a checkpoint is being written); and on
+the tests' S3 server mid-run and while a checkpoint is uploaded, each driver with a Ray of its
+own that SIGKILL takes down with it. Every
 resume must end by itself within a bound, leave one folder per grid point (a search: its full
 sample count per point), and print the table an uninterrupted run prints (a search with one trial
 at a time: the same samples and the same best configurations).
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ import pytest
 
 from iterand_tune.cli import main
 from iterand_tune.runs import read_run
+from iterand_tune.storage import exists, is_uri, join_path, list_dir, open_storage, read_json
 
 from helpers import ITERAND, trial_states, wait_for, write_digits
 
@@ -88,10 +90,11 @@ def references(files, ray_cluster):
 
 
 def reached(moment, run_dir, total):
-    """Whether the run at `run_dir` has reached the moment to be interrupted at."""
+    """Whether the run at `run_dir` (a folder or an s3:// URI) has reached the moment to be
+    interrupted at."""
     if moment == "before_first_report":
-        return os.path.exists(os.path.join(run_dir, "run.json"))
-    if not os.path.isdir(run_dir):
+        return exists(join_path(run_dir, "run.json"))
+    if not exists(run_dir):
         return False
     states = trial_states(run_dir)
     ended = [s for s, _ in states.values() if s in ("TERMINATED", "ERROR")]
@@ -103,34 +106,47 @@ def reached(moment, run_dir, total):
     # during_checkpoint: a worker has written a trial's checkpoint that the saved state does not
     # record yet (checkpoint_00000N holds epoch N + 1)
     known = {t: e for t, (_, e) in states.items()}
-    for d in os.listdir(run_dir):
-        folder = os.path.join(run_dir, d)
+    for d in list_dir(run_dir):
         tid = d.rsplit("-", 1)[-1]
-        if tid in known and os.path.isdir(folder):
-            numbers = [int(c.rsplit("_", 1)[-1]) for c in os.listdir(folder)
+        if tid in known:
+            numbers = [int(c.rsplit("_", 1)[-1]) for c in list_dir(join_path(run_dir, d))
                        if c.startswith("checkpoint_")]
             if numbers and max(numbers) + 1 > known[tid]:
                 return True
     return False
 
 
-def interrupt(argv, run_dir, moment, how, total):
-    proc = subprocess.Popen([sys.executable, "-m", "iterand_tune", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def interrupt(argv, run_dir, moment, how, total, own_ray=False):
+    """Start the run, and interrupt it with `how` at `moment`. `own_ray`: the driver starts a Ray
+    of its own (`--address local`), and SIGKILL kills it with the driver (a machine gone)."""
+    proc = subprocess.Popen([sys.executable, "-m", "iterand_tune", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=own_ray)
+
+    def stop(signum):
+        if own_ray and signum == signal.SIGKILL:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+
     try:
-        wait_for(lambda: reached(moment, run_dir, total), proc, moment, timeout=240)
-    except pytest.fail.Exception:
+        wait_for(lambda: reached(moment, run_dir, total), proc, moment, timeout=240,
+                 every=0.2 if is_uri(run_dir) else 0.1)
+    except (AssertionError, pytest.fail.Exception):
         if proc.poll() is not None and moment in ("after_last_trial", "during_checkpoint"):
+            print(f"the run ended before {moment}")  # pytest -rP shows it
             return proc.communicate()[0]  # it ended before the moment came: resume must still work
         raise
     finally:
         if proc.poll() is None:
-            proc.send_signal(how)
+            stop(how)
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                stop(signal.SIGKILL)
                 proc.wait()
+        if own_ray:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of its Ray outlived the driver
     return proc.communicate()[0]
 
 
@@ -138,7 +154,7 @@ def check_resumed(kind, mc, run_dir, out, reference):
     run = read_run(str(run_dir))
     assert not run.skipped, run.notes()
     assert all(t.ended for t in run.trials), [(t.slot, t.status) for t in run.trials]
-    folders = [d for d in os.listdir(run_dir) if "-seed" in d and not d.startswith(".")]
+    folders = [d for d in list_dir(str(run_dir)) if "-seed" in d and not d.startswith(".")]
     if kind == "grid":
         assert sorted(t.slot for t in run.trials) == [("grid", i) for i in range(4)]
         assert len(folders) == 4, folders  # exactly one folder per grid point
@@ -151,8 +167,8 @@ def check_resumed(kind, mc, run_dir, out, reference):
             ref = {t.slot: t.config["lr"] for t in read_run(reference.path).trials}
             assert {t.slot: t.config["lr"] for t in run.trials} == ref
             def best(folder):  # trial ids are drawn afresh by every run: not compared
-                with open(os.path.join(folder, "best_configs.json")) as f:
-                    return [{k: v for k, v in row.items() if k != "trial_id"} for row in json.load(f)]
+                fs, root = open_storage(join_path(str(folder), "best_configs.json"))
+                return [{k: v for k, v in row.items() if k != "trial_id"} for row in read_json(fs, root)]
 
             assert best(run_dir) == best(reference.path)
             assert table_of(out) == table_of(reference.out)  # the search's table, as printed
@@ -179,6 +195,28 @@ def test_interrupted_and_resumed(files, references, ray_cluster, tmp_path, kind,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert time.time() - start < 600
+    check_resumed(kind, mc, run_dir, done.stdout, reference)
+
+
+@pytest.mark.resume_loop
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("moment", ["mid_run", "during_checkpoint"])  # uploads under way
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["kill", "int"])
+@pytest.mark.parametrize("mc", [1, 2])
+@pytest.mark.parametrize("kind", ["grid", "search"])
+def test_interrupted_and_resumed_on_s3(files, references, ray_cluster, s3_storage, tmp_path, kind, mc, how,
+                                       moment):
+    """The same on the S3 server, its driver starting a Ray of its own (whose workers inherit the
+    server's credentials); SIGKILL takes that Ray down with the driver."""
+    reference = references(kind, mc)
+    name = tmp_path.name  # moto keeps its buckets in this process: a name of the case's own
+    argv = argv_of(files, kind, s3_storage, name, "local", mc)
+    run_dir = join_path(s3_storage, name)
+    interrupt(argv, run_dir, moment, how, 4 if kind == "grid" else 6, own_ray=True)
+    done = subprocess.run([sys.executable, "-m", "iterand_tune", *argv, "--resume"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     check_resumed(kind, mc, run_dir, done.stdout, reference)
 
 

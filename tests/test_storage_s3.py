@@ -5,7 +5,6 @@ part-way (a trial finished, another running), resumed from the same URI to the e
 training a finished trial again, and read back with `python -m analysis table` from that URI."""
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -23,35 +22,6 @@ from helpers import EDGEPOPUP, ITERAND, trial_states, wait_for, write_digits
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 EPOCHS = 4
-# Dummy credentials: the driver's environment, which the Ray workers it starts inherit.
-AWS = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-           AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")
-
-
-@pytest.fixture
-def s3_storage(monkeypatch, tmp_path):
-    """`s3://bucket/runs?endpoint_override=127.0.0.1:PORT&scheme=http` on a moto server."""
-    moto_server = pytest.importorskip("moto.server")
-    import pyarrow.fs as pafs
-
-    for key, value in AWS.items():
-        monkeypatch.setenv(key, value)
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "RAY_ADDRESS"):
-        monkeypatch.delenv(key, raising=False)
-    # No credentials or settings of this machine's user reach the test.
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        query = f"endpoint_override={host}:{port}&scheme=http"
-        fs, _ = pafs.FileSystem.from_uri(f"s3://bucket?{query}&allow_bucket_creation=true")
-        fs.create_dir("bucket")
-        yield f"s3://bucket/runs?{query}"
-    finally:
-        server.stop()
 
 
 def test_s3_run_killed_resumed_and_read_back(s3_storage, tmp_path, capsys):
