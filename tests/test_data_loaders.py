@@ -184,13 +184,11 @@ def test_make_loaders_digits():
 
 
 def test_make_loaders_caches_splits(tmp_path, monkeypatch):
-    make_cifar10(tmp_path, per_batch=8)
+    make_cifar10(tmp_path, per_batch=8, setattr=monkeypatch.setattr)
     loaders_module._cached_splits.cache_clear()
     calls = []
     real = loaders_module.load_splits
-    monkeypatch.setattr(
-        loaders_module, "load_splits", lambda *a, **k: calls.append(a) or real(*a, **{**k, "verify": False})
-    )
+    monkeypatch.setattr(loaders_module, "load_splits", lambda *a, **k: calls.append(a) or real(*a, **k))
     try:
         cfg = _cfg(dataset="cifar10", dataset_dir=str(tmp_path), batch_size=8, batch_size_eval=4)
         first = make_loaders(cfg, torch.device("cpu"), torch.Generator())

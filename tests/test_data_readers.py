@@ -49,7 +49,9 @@ def write_cifar_batch(path, images: np.ndarray, labels: list[int], label_key: st
                         "filenames": []})
 
 
-def make_cifar10(root, per_batch: int = 4, n_test: int = 3) -> tuple[np.ndarray, list[int]]:
+def make_cifar10(root, per_batch: int = 4, n_test: int = 3, setattr=setattr) -> tuple[np.ndarray, list[int]]:
+    """Tiny CIFAR-10 files under `root`, which torchvision's CIFAR10 then takes for the official
+    ones (`official`)."""
     rng = np.random.default_rng(0)
     folder = os.path.join(root, "cifar-10-batches-py")
     all_x, all_y = [], []
@@ -62,21 +64,38 @@ def make_cifar10(root, per_batch: int = 4, n_test: int = 3) -> tuple[np.ndarray,
     xt = rng.integers(0, 256, size=(n_test, 3, 32, 32), dtype=np.uint8)
     write_cifar_batch(os.path.join(folder, "test_batch"), xt, [9] * n_test)
     write_pickle(os.path.join(folder, "batches.meta"), {"label_names": [f"c{k}" for k in range(10)]})
+    official(CIFAR10, root, setattr)
     return np.concatenate(all_x), all_y
 
 
+def _md5(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
 def official(cls, root, setattr=setattr) -> None:
-    """Make the tiny files under `root` torchvision's official `cls` (CIFAR10, CIFAR100): its md5s
-    become theirs, since its constructor checks every file. `setattr`: monkeypatch.setattr in a test."""
+    """Make the tiny files under `root` torchvision's official `cls` (CIFAR10, CIFAR100, MNIST): its
+    md5s become theirs, since the readers check every file against them (MNIST: the .gz files
+    there are). `setattr`: monkeypatch.setattr in a test (this module restores them after each)."""
+    if cls is MNIST:
+        raw = os.path.join(root, "MNIST", "raw")
+        setattr(cls, "resources", [(n, _md5(os.path.join(raw, n)) if os.path.isfile(os.path.join(raw, n)) else md5)
+                                   for n, md5 in cls.resources])
+        return
     folder = os.path.join(root, cls.base_folder)
-
-    def md5(name: str) -> str:
-        with open(os.path.join(folder, name), "rb") as f:
-            return hashlib.md5(f.read()).hexdigest()
-
     for attr in ("train_list", "test_list"):
-        setattr(cls, attr, [[name, md5(name)] for name, _ in getattr(cls, attr)])
-    setattr(cls, "meta", {**cls.meta, "md5": md5(cls.meta["filename"])})
+        setattr(cls, attr, [[name, _md5(os.path.join(folder, name))] for name, _ in getattr(cls, attr)])
+    setattr(cls, "meta", {**cls.meta, "md5": _md5(os.path.join(folder, cls.meta["filename"]))})
+
+
+@pytest.fixture(autouse=True)
+def _official_md5s_restored():
+    """The official md5s put back after every test of this module (`official` changes them)."""
+    saved = [(cls, name, getattr(cls, name)) for cls in (CIFAR10, CIFAR100) for name in ("train_list", "test_list", "meta")]
+    saved.append((MNIST, "resources", MNIST.resources))
+    yield
+    for cls, name, value in saved:
+        setattr(cls, name, value)
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -100,6 +119,7 @@ def make_mnist(root) -> dict[str, np.ndarray]:
     }
     for name, arr in arrays.items():
         write_idx(os.path.join(raw, name), arr)
+    official(MNIST, root)
     return arrays
 
 
@@ -131,12 +151,9 @@ def test_registry_is_the_vocabulary_one():
 # ---------------------------------------------------------------- readers
 
 
-@pytest.mark.parametrize("verify", [False, True])  # True: through torchvision's CIFAR10 as it is
-def test_cifar10_reads_real_format(tmp_path, monkeypatch, verify):
+def test_cifar10_reads_real_format(tmp_path):
     x_np, y = make_cifar10(tmp_path)
-    if verify:
-        official(CIFAR10, tmp_path, monkeypatch.setattr)
-    train_x, train_y, test_x, test_y = load_cifar10(tmp_path, verify=verify)
+    train_x, train_y, test_x, test_y = load_cifar10(tmp_path)
     assert train_x.shape == (20, 3, 32, 32) and train_x.dtype == torch.uint8 and train_x.is_contiguous()
     assert test_x.shape == (3, 3, 32, 32)
     assert train_y.dtype == torch.int64 and train_y.tolist() == y and test_y.tolist() == [9, 9, 9]
@@ -147,17 +164,19 @@ def test_cifar10_reads_real_format(tmp_path, monkeypatch, verify):
     assert train_x[6, 2, 31, 0].item() == flat[6, 2048 + 31 * 32]
 
 
-@pytest.mark.parametrize("verify", [False, True])
-def test_cifar100_reads_fine_labels(tmp_path, monkeypatch, verify):
+def make_cifar100(root, x: np.ndarray, train: list[int], test: list[int]) -> None:
+    folder = os.path.join(root, "cifar-100-python")
+    write_cifar_batch(os.path.join(folder, "train"), x[:len(train)], train, label_key="fine_labels")
+    write_cifar_batch(os.path.join(folder, "test"), x[:len(test)], test, label_key="fine_labels")
+    write_pickle(os.path.join(folder, "meta"), {"fine_label_names": [f"c{k}" for k in range(100)]})
+    official(CIFAR100, root)
+
+
+def test_cifar100_reads_fine_labels(tmp_path):
     rng = np.random.default_rng(2)
     x = rng.integers(0, 256, size=(3, 3, 32, 32), dtype=np.uint8)
-    folder = tmp_path / "cifar-100-python"
-    write_cifar_batch(str(folder / "train"), x, [5, 99, 42], label_key="fine_labels")
-    write_cifar_batch(str(folder / "test"), x[:2], [0, 77], label_key="fine_labels")
-    write_pickle(str(folder / "meta"), {"fine_label_names": [f"c{k}" for k in range(100)]})
-    if verify:
-        official(CIFAR100, tmp_path, monkeypatch.setattr)
-    train_x, train_y, test_x, test_y = load_cifar100(tmp_path, verify=verify)
+    make_cifar100(tmp_path, x, [5, 99, 42], [0, 77])
+    train_x, train_y, test_x, test_y = load_cifar100(tmp_path)
     assert train_x.shape == (3, 3, 32, 32) and test_x.shape == (2, 3, 32, 32)
     assert train_y.tolist() == [5, 99, 42] and test_y.tolist() == [0, 77]
     assert torch.equal(train_x, torch.from_numpy(x))
@@ -165,7 +184,7 @@ def test_cifar100_reads_fine_labels(tmp_path, monkeypatch, verify):
 
 def test_mnist_reads_idx_gz_and_plain(tmp_path):
     arrays = make_mnist(tmp_path)
-    train_x, train_y, test_x, test_y = load_mnist(tmp_path, verify=False)
+    train_x, train_y, test_x, test_y = load_mnist(tmp_path)
     assert train_x.shape == (5, 3, 32, 32) and test_x.shape == (2, 3, 32, 32) and train_x.dtype == torch.uint8
     assert train_y.tolist() == [0, 3, 9, 1, 2] and test_y.tolist() == [7, 4] and test_y.dtype == torch.int64
     img = torch.from_numpy(arrays["train-images-idx3-ubyte.gz"])
@@ -197,7 +216,7 @@ def test_partial_cifar_names_missing_file(tmp_path, name):
     make_cifar10(tmp_path)
     os.remove(tmp_path / "cifar-10-batches-py" / name)
     with pytest.raises(DataError) as err:
-        load_cifar10(tmp_path, verify=False)
+        load_cifar10(tmp_path)
     assert name in one_line(err) and "incomplete" in str(err.value) and "--download" in str(err.value)
 
 
@@ -215,22 +234,24 @@ def test_corrupt_cifar_file_names_it_and_is_kept(tmp_path, damage):
         write_pickle(str(path), {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0, 1]})
     before = path.read_bytes()
     with pytest.raises(DataError) as err:
-        load_cifar10(tmp_path, verify=False)
+        load_cifar10(tmp_path)
     msg = one_line(err)
     assert str(path) in msg and "delete it" in msg
     assert path.read_bytes() == before
 
 
-def test_md5_mismatch_with_verify(tmp_path):
-    make_cifar10(tmp_path)  # tiny files cannot match the official md5s
-    load_cifar10(tmp_path, verify=False)  # a cache of unverified files, which verify=True does not take
+def test_a_file_that_is_not_the_official_one_is_named(tmp_path):
+    make_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    write_cifar_batch(str(batch), np.zeros((4, 3072), dtype=np.uint8), [0, 1, 2, 3])  # well-formed, not official
     with pytest.raises(DataError) as err:
-        load_cifar10(tmp_path, verify=True)
+        load_cifar10(tmp_path)
     msg = one_line(err)
-    assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in msg and "md5" in msg and "delete it" in msg
+    assert str(batch) in msg and "md5" in msg and "delete it" in msg
     make_mnist(tmp_path)
+    write_idx(str(tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"), np.zeros((5, 28, 28), dtype=np.uint8))
     with pytest.raises(DataError) as err:
-        load_mnist(tmp_path, verify=True)
+        load_mnist(tmp_path)
     assert "train-images-idx3-ubyte.gz" in one_line(err) and "md5" in str(err.value)
 
 
@@ -239,15 +260,15 @@ def test_mnist_bad_magic_and_length(tmp_path):
     path = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
     path.write_bytes((0x803).to_bytes(4, "big") + path.read_bytes()[4:])
     with pytest.raises(DataError) as err:
-        load_mnist(tmp_path, verify=False)
+        load_mnist(tmp_path)
     assert str(path) in one_line(err) and "delete" in str(err.value)
     path.write_bytes((0x801).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"\x01\x02")
     with pytest.raises(DataError) as err:
-        load_mnist(tmp_path, verify=False)
+        load_mnist(tmp_path)
     assert str(path) in one_line(err)
     write_idx(str(path), np.array([7, 4, 1], dtype=np.uint8))  # well-formed, one label too many
     with pytest.raises(DataError) as err:
-        load_mnist(tmp_path, verify=False)
+        load_mnist(tmp_path)
     assert str(path) in one_line(err) and "does not match" in str(err.value)
 
 
@@ -271,7 +292,7 @@ def test_failed_download_is_one_line_error(tmp_path, monkeypatch):
 def test_download_skipped_when_files_present(tmp_path, monkeypatch):
     make_cifar10(tmp_path)
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", _offline)
-    train_x, *_ = load_cifar10(tmp_path, download=True, verify=False)
+    train_x, *_ = load_cifar10(tmp_path, download=True)
     assert len(train_x) == 20
 
 
@@ -281,8 +302,7 @@ def _download_in_process(root: str, log: str) -> int:
     import time
 
     scratch = tempfile.mkdtemp()
-    make_cifar10(scratch)  # the same bytes as the fake download writes: their md5s are the official ones
-    official(CIFAR10, scratch)
+    make_cifar10(scratch)  # the same bytes as the fake download writes: their md5s become the official ones
 
     def fake_download(url, download_root, filename=None, md5=None):
         with open(log, "a") as f:
@@ -338,36 +358,29 @@ def _same(a, b) -> bool:
     return all(torch.equal(p, q) and p.dtype == q.dtype for p, q in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("name, verify", [("cifar10", True), ("cifar100", False), ("mnist", True), ("mnist", False)])
-def test_second_load_reads_the_cache(tmp_path, monkeypatch, name, verify):
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "mnist"])
+def test_second_load_reads_the_cache(tmp_path, monkeypatch, name):
     if name == "cifar10":
         make_cifar10(tmp_path)
-        official(CIFAR10, tmp_path, monkeypatch.setattr)
     elif name == "cifar100":
-        rng = np.random.default_rng(3)
-        folder = tmp_path / "cifar-100-python"
-        write_cifar_batch(str(folder / "train"), rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), [1, 2, 3, 99],
-                          label_key="fine_labels")
-        write_cifar_batch(str(folder / "test"), rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8), [0, 5],
-                          label_key="fine_labels")
-        write_pickle(str(folder / "meta"), {})
+        make_cifar100(tmp_path, np.random.default_rng(3).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8),
+                      [1, 2, 3, 99], [0, 5])
     else:
         make_mnist(tmp_path)
-        monkeypatch.setattr(MNIST, "resources", [(n, None) for n, _ in MNIST.resources])  # no md5s to match
     load = {"cifar10": load_cifar10, "cifar100": load_cifar100, "mnist": load_mnist}[name]
-    first = load(tmp_path, verify=verify)
-    cache = tmp_path / "iterand_cache" / f"{name}{'' if verify else '-unverified'}.npz"
+    first = load(tmp_path)
+    cache = tmp_path / "iterand_cache" / f"{name}.npz"
     assert sorted(os.listdir(cache.parent)) == [cache.name, cache.name + ".lock"]
     with np.load(cache, allow_pickle=False) as f:  # plain arrays: nothing pickled
         assert f["train_x"].dtype == np.uint8 and f["train_x"].shape[1:] == (3, 32, 32)
     with monkeypatch.context() as m:
         _no_torchvision(m)
         m.setattr(readers, "FileLock", None)  # and no lock taken
-        again = load(tmp_path, verify=verify)
+        again = load(tmp_path)
         assert _same(first, again)
         assert all(t.is_contiguous() and t.numpy().flags.writeable for t in again)
         moved = tmp_path.rename(tmp_path.parent / (tmp_path.name + "-moved"))  # the cache moves with its folder
-        assert _same(load(moved, verify=verify), first)
+        assert _same(load(moved), first)
 
 
 def _tampered(cache, damage: str, root) -> None:
@@ -393,6 +406,7 @@ def _tampered(cache, damage: str, root) -> None:
     else:  # "stale": a source file replaced after the cache was written (now 5 images, not 4)
         x = np.full((5, 3, 32, 32), 7, dtype=np.uint8)
         write_cifar_batch(str(root / "cifar-10-batches-py" / "data_batch_2"), x, [1, 1, 1, 1, 2])
+        official(CIFAR10, root)  # a new official release, say
 
 
 @pytest.mark.parametrize(
@@ -400,42 +414,43 @@ def _tampered(cache, damage: str, root) -> None:
 )
 def test_damaged_or_stale_cache_is_rebuilt(tmp_path, damage):
     make_cifar10(tmp_path)
-    load_cifar10(tmp_path, verify=False)
-    cache = tmp_path / "iterand_cache" / "cifar10-unverified.npz"
+    load_cifar10(tmp_path)
+    cache = tmp_path / "iterand_cache" / "cifar10.npz"
     _tampered(cache, damage, tmp_path)
-    fresh = load_cifar10(tmp_path, verify=False)
+    fresh = load_cifar10(tmp_path)
     if damage == "stale":
         assert len(fresh[0]) == 21 and (fresh[0][4:9] == 7).all() and fresh[1][4:9].tolist() == [1, 1, 1, 1, 2]
     else:
-        expected, _ = make_cifar10(tmp_path / "again")
+        expected, _ = make_cifar10(tmp_path / "again", setattr=lambda *a: None)  # the same bytes
         assert torch.equal(fresh[0], torch.from_numpy(expected))
     with pytest.MonkeyPatch.context() as m:  # rebuilt: the next load reads it
         _no_torchvision(m)
-        assert _same(load_cifar10(tmp_path, verify=False), fresh)
+        assert _same(load_cifar10(tmp_path), fresh)
     assert sorted(os.listdir(cache.parent)) == [cache.name, cache.name + ".lock"]
 
 
 def test_unwritable_cache_folder_still_loads(tmp_path):
     make_cifar10(tmp_path)
     (tmp_path / "iterand_cache").write_text("a file where the folder would be")
-    first = load_cifar10(tmp_path, verify=False)
-    assert _same(first, load_cifar10(tmp_path, verify=False)) and len(first[0]) == 20
+    first = load_cifar10(tmp_path)
+    assert _same(first, load_cifar10(tmp_path)) and len(first[0]) == 20
 
 
 def _decode_in_process(root: str, log: str) -> list[int]:
     """Child process: load CIFAR-10 with a slow decoder that logs each time it runs."""
     import time
 
-    decode = readers._unverified_cifar
+    official(CIFAR10, root)  # in this process too
+    decode = CIFAR10.__init__
 
-    def slow(*args):
+    def slow(self, *args, **kwargs):
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
         time.sleep(0.5)  # widen the window in which the other process could decode and write too
-        return decode(*args)
+        decode(self, *args, **kwargs)
 
-    readers._unverified_cifar = slow
-    return [int(t.sum()) for t in load_cifar10(root, verify=False)]
+    CIFAR10.__init__ = slow
+    return [int(t.sum()) for t in load_cifar10(root)]
 
 
 def test_concurrent_trials_decode_once_into_one_file(tmp_path):
@@ -447,11 +462,11 @@ def test_concurrent_trials_decode_once_into_one_file(tmp_path):
         sums = pool.starmap(_decode_in_process, [(str(tmp_path), str(log))] * 2)
     assert sums[0] == sums[1]
     assert len(set(log.read_text().splitlines())) == 1  # one process decoded (train and test split)
-    cache = tmp_path / "iterand_cache" / "cifar10-unverified.npz"
+    cache = tmp_path / "iterand_cache" / "cifar10.npz"
     assert sorted(os.listdir(cache.parent)) == [cache.name, cache.name + ".lock"]  # no temporary files left
     with pytest.MonkeyPatch.context() as m:
         _no_torchvision(m)
-        assert [int(t.sum()) for t in load_cifar10(tmp_path, verify=False)] == sums[0]
+        assert [int(t.sum()) for t in load_cifar10(tmp_path)] == sums[0]
 
 
 # ---------------------------------------------------------------- splits
@@ -486,8 +501,8 @@ def test_split_indices_and_imagenet_hold_out():
 
 def test_load_splits_cifar10(tmp_path):
     make_cifar10(tmp_path, per_batch=8)  # 40 images -> 36 train, 4 val
-    s = load_splits("cifar10", tmp_path, verify=False, max_train_dataset_size=10)
-    full_x, full_y, *_ = load_cifar10(tmp_path, verify=False)
+    s = load_splits("cifar10", tmp_path, max_train_dataset_size=10)
+    full_x, full_y, *_ = load_cifar10(tmp_path)
     train, val = split_train_val(40, max_train=10)
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(777))
     assert torch.equal(val, perm[10:14])

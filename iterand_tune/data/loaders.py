@@ -305,9 +305,9 @@ def imagenet_decoder(choice: Optional[str], device: torch.device) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_splits(name: str, root: str, download: bool, max_train: int | None, verify: bool = True) -> TensorSplits:
+def _cached_splits(name: str, root: str, download: bool, max_train: int | None) -> TensorSplits:
     # Several trainers in one process (tests, sequential trials) would otherwise re-read and re-verify files.
-    return load_splits(name, root, download=download, max_train_dataset_size=max_train, verify=verify)
+    return load_splits(name, root, download=download, max_train_dataset_size=max_train)
 
 
 def make_loaders(cfg: Any, device: torch.device, generator: torch.Generator) -> Loaders:

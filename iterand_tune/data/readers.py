@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
-import pickle
 import shutil
 import socket
 import uuid
@@ -181,25 +180,10 @@ def _decode_once(root: str, name: str, num_classes: int, sources: list[str], dec
 # CIFAR-10 / CIFAR-100, MNIST
 
 
-def _unverified_cifar(paths: list[str], num_classes: int) -> list[np.ndarray]:
-    """Batch files read as torchvision's CIFAR classes read them, without the md5 checks those classes
-    always make (tests' tiny files); one at a time, so that an error names its file."""
-    xs, ys = [], []
-    for path in paths:
-        with _explained(f"{path} is unreadable", _REDOWNLOAD), open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-            x = np.asarray(entry["data"]).reshape(-1, 3, 32, 32)
-            y = np.asarray(entry["labels" if "labels" in entry else "fine_labels"])
-        _check(x, y, num_classes, (3, 32, 32), path, path)
-        xs.append(x)
-        ys.append(y.astype(np.int64))
-    return [np.concatenate(xs), np.concatenate(ys)]
-
-
 def _load_cifar(
-    cls_name: str, title: str, num_classes: int, root: str | os.PathLike, download: bool, verify: bool
+    cls_name: str, title: str, num_classes: int, root: str | os.PathLike, download: bool
 ) -> Arrays:
-    root, name = resolve_root(root), cls_name.lower() + ("" if verify else "-unverified")
+    root, name = resolve_root(root), cls_name.lower()
     if (cached := _from_cache(root, name, num_classes)) is not None:
         return cached
     tv = _torchvision()
@@ -220,9 +204,6 @@ def _load_cifar(
         raise DataError(f"{title} in {root} is incomplete (missing {', '.join(gone)}): {_DOWNLOAD}")
 
     def decode() -> list[np.ndarray]:
-        n = len(cls.train_list)
-        if not verify:
-            return _unverified_cifar(paths[:n], num_classes) + _unverified_cifar(paths[n:-1], num_classes)
         with _explained(f"{os.path.dirname(paths[0])} is unreadable", _REDOWNLOAD):
             try:
                 sets = [cls(root, train=train) for train in (True, False)]
@@ -237,21 +218,20 @@ def _load_cifar(
     return _decode_once(root, name, num_classes, paths, decode)
 
 
-def load_cifar10(root: str | os.PathLike, *, download: bool = False, verify: bool = True) -> Arrays:
-    """CIFAR-10 from root/cifar-10-batches-py: (train_x, train_y, test_x, test_y), uint8 NCHW and int64.
+def load_cifar10(root: str | os.PathLike, *, download: bool = False) -> Arrays:
+    """CIFAR-10 from root/cifar-10-batches-py: (train_x, train_y, test_x, test_y), uint8 NCHW and int64;
+    every file checked against the official md5s, as torchvision's CIFAR10 does."""
+    return _load_cifar("CIFAR10", "CIFAR-10", 10, root, download)
 
-    verify=False skips the md5 checks against the official files (for tests' tiny files)."""
-    return _load_cifar("CIFAR10", "CIFAR-10", 10, root, download, verify)
 
-
-def load_cifar100(root: str | os.PathLike, *, download: bool = False, verify: bool = True) -> Arrays:
+def load_cifar100(root: str | os.PathLike, *, download: bool = False) -> Arrays:
     """CIFAR-100 (fine labels) from root/cifar-100-python: (train_x, train_y, test_x, test_y)."""
-    return _load_cifar("CIFAR100", "CIFAR-100", 100, root, download, verify)
+    return _load_cifar("CIFAR100", "CIFAR-100", 100, root, download)
 
 
-def load_mnist(root: str | os.PathLike, *, download: bool = False, verify: bool = True) -> Arrays:
+def load_mnist(root: str | os.PathLike, *, download: bool = False) -> Arrays:
     """MNIST from root/MNIST/raw idx files (.gz or unpacked); 28x28 zero-padded to 32x32, grey -> 3 channels."""
-    root, name = resolve_root(root), "mnist" + ("" if verify else "-unverified")
+    root, name = resolve_root(root), "mnist"
     if (cached := _from_cache(root, name, 10)) is not None:
         return cached
     tv = _torchvision()
@@ -264,8 +244,7 @@ def load_mnist(root: str | os.PathLike, *, download: bool = False, verify: bool 
             tv.MNIST(root, train=False, download=True)
     for gz, plain, md5 in files:  # torchvision reads the unpacked files: unpack .gz files put there by hand
         if os.path.isfile(gz) and not os.path.isfile(plain):
-            if verify:  # torchvision checks the md5s of its own downloads only
-                _official(gz, md5)
+            _official(gz, md5)  # torchvision checks the md5s of its own downloads only
             with _explained(f"cannot unpack {gz}", f"gunzip it by hand, or {_REDOWNLOAD}"), gzip.open(gz) as f:
                 _write_atomically(plain, lambda out: shutil.copyfileobj(f, out))
     gone = [os.path.basename(gz) for gz, plain, _ in files if not os.path.isfile(plain)]
@@ -373,7 +352,6 @@ def load_splits(
     *,
     download: bool = False,
     max_train_dataset_size: int | None = None,
-    verify: bool = True,
 ) -> TensorSplits:
     """Read an in-memory dataset (cifar10, cifar100, mnist, digits, synthetic_cifar10) and cut its
     fixed train/val/test splits."""
@@ -389,7 +367,7 @@ def load_splits(
     readers = {"cifar10": load_cifar10, "cifar100": load_cifar100, "mnist": load_mnist}
     if name not in readers:
         raise DataError(f"dataset {name!r} is read from an image folder, not into memory: use imagenet_loaders")
-    train_x, train_y, test_x, test_y = readers[name](root, download=download, verify=verify)
+    train_x, train_y, test_x, test_y = readers[name](root, download=download)
     tr, va = split_train_val(len(train_y), 0.1, max_train, SPLIT_SEED)
     return TensorSplits(info, train_x[tr], train_y[tr], train_x[va], train_y[va], test_x, test_y)
 
