@@ -28,7 +28,8 @@ test: install
 
 # Every kind of run (grid, search) with one and two trials at a time, its driver killed or
 # stopped with Ctrl-C at four moments, then resumed, locally and on an S3 server
-# (tests/test_resume_loops.py; pytest prints the time each set took). REPEAT=20 runs the whole set that many times in a row.
+# (tests/test_resume_loops.py; pytest prints the time each set took). REPEAT=20 runs the
+# whole set that many times in a row.
 REPEAT ?= 1
 test-resume: install
 	for i in $$(seq $(REPEAT)); do $(PY) -m pytest -n 0 -m resume_loop -x -q || exit 1; done

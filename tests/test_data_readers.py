@@ -91,7 +91,8 @@ def official(cls, root, setattr=setattr) -> None:
 @pytest.fixture(autouse=True)
 def _official_md5s_restored():
     """The official md5s put back after every test of this module (`official` changes them)."""
-    saved = [(cls, name, getattr(cls, name)) for cls in (CIFAR10, CIFAR100) for name in ("train_list", "test_list", "meta")]
+    saved = [(cls, name, getattr(cls, name)) for cls in (CIFAR10, CIFAR100)
+             for name in ("train_list", "test_list", "meta")]
     saved.append((MNIST, "resources", MNIST.resources))
     yield
     for cls, name, value in saved:
