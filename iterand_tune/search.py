@@ -306,7 +306,7 @@ class SearchRun:
 class SearchSummary:
     path: str
     rows: list[dict[str, Any]]
-    missing: list[str]      # points without a single reported epoch
+    missing: list[str]      # points without a trial to choose (none reported, or all diverged or errored)
     errored: int
     seconds: float
     interrupted: Any = None  # iterand_tune.tune.Interruption after Ctrl-C / SIGTERM
