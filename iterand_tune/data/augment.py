@@ -64,16 +64,31 @@ IMAGENET_AUGMENT = AugmentSpec(pad=0)  # RandomResizedCrop's defaults and a hori
 _ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 random crops before its central fallback
 
 
-def _central_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
-    """torchvision's fallback crop (top, left, h, w) of a height x width image."""
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        h, w = height, width
-    return (height - h) // 2, (width - w) // 2, h, w
+def _crop_boxes(hh: Tensor, ww: Tensor, u: Tensor, u_pos: Tensor, scale: tuple[float, float],
+                ratio: tuple[float, float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """torchvision's RandomResizedCrop.get_params for images of hh x ww (float [n]) from uniform draws
+    u [2, n, _ATTEMPTS] (area, aspect) and u_pos [2, n] (offsets), on their device and in their
+    dtype: boxes (top, left, h, w), int64 [n]. Every attempt at once (the first that fits, else
+    the central crop cut to the nearest allowed aspect ratio), so nothing reads back."""
+    area = (hh * ww)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[1])
+    w = torch.sqrt(area * aspect).round()  # round-half-even, like Python's round()
+    h = torch.sqrt(area / aspect).round()
+    valid = (w > 0) & (w <= ww[:, None]) & (h > 0) & (h <= hh[:, None])
+    first = valid.to(torch.int8).argmax(dim=1, keepdim=True)  # the first attempt that fits (0 if none)
+    found = valid.any(dim=1)
+    in_ratio = ww / hh
+    h = torch.where(found, h.gather(1, first).squeeze(1),
+                    torch.where(in_ratio < min(ratio), (ww / min(ratio)).round(), hh))
+    w = torch.where(found, w.gather(1, first).squeeze(1),
+                    torch.where(in_ratio > max(ratio), (hh * max(ratio)).round(), ww))
+    # floor(U * n) is uniform on 0..n-1 like randint(0, n); the clamp guards float rounding at U -> 1.
+    top = torch.where(found, torch.minimum(torch.floor(u_pos[0] * (hh - h + 1)), hh - h),
+                      torch.div(hh - h, 2, rounding_mode="floor"))
+    left = torch.where(found, torch.minimum(torch.floor(u_pos[1] * (ww - w + 1)), ww - w),
+                       torch.div(ww - w, 2, rounding_mode="floor"))
+    return top.long(), left.long(), h.long(), w.long()
 
 
 def sample_crop_params(
@@ -89,26 +104,11 @@ def sample_crop_params(
     Boxes are in the padded frame ((height + 2*pad) x (width + 2*pad)) and follow torchvision's
     RandomResizedCrop.get_params distribution; all attempts are drawn at once, so nothing syncs.
     """
-    ph, pw = height + 2 * spec.pad, width + 2 * spec.pad
     u = torch.rand(2, batch, _ATTEMPTS, generator=generator, device=device)
-    target_area = (ph * pw) * (spec.scale[0] + (spec.scale[1] - spec.scale[0]) * u[0])
-    log_lo, log_hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[1])
-    w = torch.sqrt(target_area * aspect).round()  # round-half-even, like Python's round()
-    h = torch.sqrt(target_area / aspect).round()
-    valid = (w > 0) & (w <= pw) & (h > 0) & (h <= ph)
-    first = valid.float().argmax(dim=1, keepdim=True)  # index of the first valid attempt (0 if none)
-    found = valid.any(dim=1)
-    f_top, f_left, f_h, f_w = _central_crop(ph, pw, spec.ratio)
-    h = torch.where(found, h.gather(1, first).squeeze(1), float(f_h))
-    w = torch.where(found, w.gather(1, first).squeeze(1), float(f_w))
     u_pos = torch.rand(2, batch, generator=generator, device=device)
-    # floor(U * n) is uniform on 0..n-1 like randint(0, n); the clamp guards float rounding at U -> 1.
-    top = torch.minimum(torch.floor(u_pos[0] * (ph - h + 1)), ph - h)
-    left = torch.minimum(torch.floor(u_pos[1] * (pw - w + 1)), pw - w)
-    top = torch.where(found, top, float(f_top))
-    left = torch.where(found, left, float(f_left))
-    return top.long(), left.long(), h.long(), w.long()
+    hh = torch.full((batch,), float(height + 2 * spec.pad), device=device)
+    ww = torch.full((batch,), float(width + 2 * spec.pad), device=device)
+    return _crop_boxes(hh, ww, u, u_pos, spec.scale, spec.ratio)
 
 
 def sample_flips(batch: int, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
@@ -190,33 +190,11 @@ def sample_crop_boxes(
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """RandomResizedCrop.get_params for images of heights x widths (int64 [B], CPU): boxes (top,
-    left, h, w), int64 [B], drawn at once in float64 from `generator` with torchvision's rule (10
-    attempts of area scale and log-uniform aspect ratio, the first that fits, else the central crop)."""
+    left, h, w), int64 [B], drawn at once in float64 from `generator` (_crop_boxes)."""
     n = len(heights)
-    hh, ww = heights.double(), widths.double()
     u = torch.rand(2, n, _ATTEMPTS, generator=generator, dtype=torch.float64)
-    area = (hh * ww)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[0])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[1])
-    w = torch.sqrt(area * aspect).round()  # round-half-even, like Python's round()
-    h = torch.sqrt(area / aspect).round()
-    valid = (w > 0) & (w <= ww[:, None]) & (h > 0) & (h <= hh[:, None])
-    first = valid.to(torch.int8).argmax(dim=1, keepdim=True)  # the first attempt that fits
-    found = valid.any(dim=1)
-    # torchvision's fallback: the whole image, cut to the nearest allowed aspect ratio, centred.
-    in_ratio = ww / hh
-    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
-    fb_w = torch.where(wide, (hh * max(ratio)).round(), ww)
-    fb_h = torch.where(narrow, (ww / min(ratio)).round(), hh)
-    h = torch.where(found, h.gather(1, first).squeeze(1), fb_h)
-    w = torch.where(found, w.gather(1, first).squeeze(1), fb_w)
     u_pos = torch.rand(2, n, generator=generator, dtype=torch.float64)
-    # floor(U * n) is uniform on 0..n-1 like randint(0, n); the clamp guards rounding at U -> 1.
-    top = torch.where(found, torch.minimum(torch.floor(u_pos[0] * (hh - h + 1)), hh - h),
-                      torch.div(hh - h, 2, rounding_mode="floor"))
-    left = torch.where(found, torch.minimum(torch.floor(u_pos[1] * (ww - w + 1)), ww - w),
-                       torch.div(ww - w, 2, rounding_mode="floor"))
-    return top.long(), left.long(), h.long(), w.long()
+    return _crop_boxes(heights.double(), widths.double(), u, u_pos, scale, ratio)
 
 
 def _resize(image: Tensor, height: int, width: int) -> Tensor:
