@@ -14,7 +14,6 @@ import torch.nn as nn
 
 import iterand_tune.supermask as supermask
 from iterand_tune.config import METHODS, TrialConfig
-from iterand_tune.data import SYNTHETIC_SPLIT, load_splits, load_synthetic
 from iterand_tune.models import create_model
 from iterand_tune.supermask import rerandomize_
 from iterand_tune.training import Trainer, cudnn_flags
@@ -293,17 +292,6 @@ def test_train_step_reads_nothing_back(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- synthetic data
-
-
-def test_synthetic_cifar10_is_fixed_and_cifar_shaped():
-    a, b = load_synthetic(), load_synthetic(300)
-    assert (len(a.train_y), len(a.val_y), len(a.test_y)) == SYNTHETIC_SPLIT == (45000, 5000, 10000)
-    assert a.train_x.shape == (45000, 3, 32, 32) and a.train_x.dtype == torch.uint8
-    assert a.train_y.dtype == torch.int64 and set(a.test_y.unique().tolist()) == set(range(10))
-    assert len(b.train_y) == 300
-    assert torch.equal(a.val_x, b.val_x) and torch.equal(a.test_y, b.test_y)  # same held-out sets
-    assert torch.equal(load_splits("synthetic_cifar10", "/nonexistent").val_x, a.val_x)
-    assert not torch.equal(a.val_x[:100], a.test_x[:100])
 
 
 def test_synthetic_cifar10_trains_with_cifar_augmentation():

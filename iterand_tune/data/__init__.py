@@ -1,6 +1,6 @@
-"""Datasets of iterand_tune: readers (CIFAR-10/100, MNIST, sklearn digits, synthetic CIFAR-10, ImageNet
-folders, the fixed seed-777 splits), augmentation on the device, ImageNet's JPEGs read for decoding on
-the device (jpeg), and the loaders a trial uses.
+"""Datasets of iterand_tune: readers (CIFAR-10/100, MNIST, sklearn digits, ImageNet folders), splits
+(the fixed seed-777 splits, synthetic CIFAR-10), augmentation on the device, ImageNet's JPEGs read
+for decoding on the device (jpeg), and the loaders a trial uses.
 The dataset registry itself (DatasetInfo, DATASETS) lives in the torch-free iterand_tune.vocabulary.
 """
 
@@ -33,24 +33,27 @@ from .loaders import (
     prepare_dataset,
 )
 from .readers import (
-    DIGITS_SPLIT,
     DOWNLOAD_TIMEOUT_S,
     IMAGENET_LAYOUT,
+    DataError,
+    dataset_info,
+    digits_images,
+    imagenet_folders,
+    load_cifar10,
+    load_cifar100,
+    load_mnist,
+    require_imagenet_folders,
+)
+from .splits import (
+    DIGITS_SPLIT,
     IMAGENET_VAL_FRACTION,
     SPLIT_SEED,
     SYNTHETIC_SPLIT,
-    DataError,
     TensorSplits,
-    dataset_info,
-    imagenet_folders,
     imagenet_val_size,
-    load_cifar10,
-    load_cifar100,
     load_digits,
-    load_mnist,
     load_splits,
     load_synthetic,
-    require_imagenet_folders,
     split_indices,
     split_train_val,
 )
@@ -75,6 +78,7 @@ __all__ = [
     "load_cifar10",
     "load_cifar100",
     "load_mnist",
+    "digits_images",
     "load_digits",
     "load_synthetic",
     "split_indices",

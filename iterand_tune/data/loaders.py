@@ -31,18 +31,8 @@ from .augment import (
     train_augmentation,
 )
 from .jpeg import EncodedImages, collate_encoded, decode_batch, device_decode_problem, to_device
-from .readers import (
-    SPLIT_SEED,
-    DataError,
-    TensorSplits,
-    dataset_info,
-    imagenet_folders,
-    imagenet_val_size,
-    load_splits,
-    require_imagenet_folders,
-    resolve_root,
-    split_indices,
-)
+from .readers import DataError, dataset_info, imagenet_folders, require_imagenet_folders, resolve_root
+from .splits import SPLIT_SEED, TensorSplits, imagenet_val_size, load_splits, split_indices
 
 
 class DeviceLoader:
