@@ -71,10 +71,44 @@ def read_report(folder) -> dict:
 # ----------------------------------------------------------------------------- the CPU version
 
 
+# A GPU box may have torch, pytest, pandas, pyarrow and nvidia-ml-py and nothing else: the check and
+# every process it starts see these packages as absent (a sitecustomize on their PYTHONPATH).
+ABSENT_ON_A_GPU_BOX = ("ray", "hyperopt", "mlflow", "wandb", "tensorboard", "moto", "boto3")
+_ABSENT = """import sys
+
+
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {absent!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (absent on a GPU box)", name=name)
+
+
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def without(folder, packages) -> dict[str, str]:
+    """An environment whose Python processes cannot import `packages`."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(_ABSENT.format(absent=set(packages)))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
+def test_the_absent_packages_cannot_be_imported(tmp_path):
+    env = without(tmp_path, ABSENT_ON_A_GPU_BOX)
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    try:\n        importlib.import_module(name)\n" \
+           "        print(name)\n    except ModuleNotFoundError:\n        pass\nimport torch, pyarrow, pandas"
+    out = subprocess.run([sys.executable, "-c", code, *ABSENT_ON_A_GPU_BOX, "json"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["json"]
+
+
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     """`gpu_check.py --allow-cpu --write-shares COPY` to its end, in a child process (as `make
-    gpu-check` runs it): (return code, stdout, report, folder, the table copy, its process id)."""
+    gpu-check` runs it) that, with its children, cannot import Ray, HyperOpt or the trackers:
+    (return code, stdout, report, folder, the table copy, its process id)."""
     if torch.cuda.is_available():  # a GPU machine: the same command measures the GPU instead
         pytest.skip("CUDA is available: --allow-cpu does not apply")
     folder = tmp_path_factory.mktemp("gpu_check")
@@ -82,7 +116,7 @@ def cpu_run(tmp_path_factory):
     table.write_text(open(gpu_shares.TABLE).read())
     proc = subprocess.Popen([sys.executable, SCRIPT, "--allow-cpu", "--out", str(folder / "check"),
                              "--write-shares", str(table)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=without(folder / "box", ABSENT_ON_A_GPU_BOX))
     out, _ = proc.communicate(timeout=600)
     report = read_report(folder / "check")
     return SimpleNamespace(rc=proc.returncode, out=out, report=report, folder=folder / "check",
