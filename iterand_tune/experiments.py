@@ -14,8 +14,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-import yaml
-
 from .config import FIELD_NAMES, ConfigError, ExperimentError, TrialConfig
 from .resources import check_gpus
 from .search_space import check_space
@@ -232,6 +230,8 @@ YAML_IGNORED = frozenset({"output_dir", "sync_dir", "checkpoint_epochs", "seed_b
 
 def load_yaml(path: str, keys: Sequence[str]) -> list[Experiment]:
     """Experiments named `keys` from an original-format YAML config."""
+    import yaml  # PyYAML: only the original configs need it, and a GPU box may not have it
+
     try:
         with open(path) as f:
             doc = yaml.safe_load(f)  # SafeLoader resolves anchors and `<<` merge keys

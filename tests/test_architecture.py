@@ -36,6 +36,7 @@ LATE_IMPORTS = {
     ("resources", "ray"): "a GPU machine without Ray still uses gpu_share and the checks",
     ("resources", "ray.util.scheduling_strategies"): "the same; a submodule ray does not load",
     ("search_space", "ray.tune"): "experiment files load without Ray",
+    ("experiments", "yaml"): "PyYAML: only for the original YAML configs; a GPU box may lack it",
     ("tracking", "ray.tune.logger.mlflow.MLflowLoggerCallback"): "imports mlflow: only with --mlflow",
     ("tracking", "mlflow.tracking.MlflowClient"): "mlflow is optional",
     ("tracking", "ray.tune.logger.wandb.WandbLoggerCallback"): "imports wandb: only with --wandb",

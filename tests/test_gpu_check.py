@@ -71,9 +71,10 @@ def read_report(folder) -> dict:
 # ----------------------------------------------------------------------------- the CPU version
 
 
-# A GPU box may have torch, pytest, pandas, pyarrow and nvidia-ml-py and nothing else: the check and
-# every process it starts see these packages as absent (a sitecustomize on their PYTHONPATH).
-ABSENT_ON_A_GPU_BOX = ("ray", "hyperopt", "mlflow", "wandb", "tensorboard", "moto", "boto3")
+# A GPU box may have torch (with what it requires), pytest, pandas, pyarrow, scikit-learn, matplotlib
+# and nvidia-ml-py and nothing else: the check and every process it starts see these packages as
+# absent (a sitecustomize on their PYTHONPATH).
+ABSENT_ON_A_GPU_BOX = ("ray", "hyperopt", "yaml", "mlflow", "wandb", "tensorboard", "moto", "boto3")
 _ABSENT = """import sys
 
 
