@@ -1013,6 +1013,9 @@ def part_imagenet(check: Check) -> Iterator[dict[str, Any]]:
     """Figure 3's input pipeline and step (benchmarks/imagenet_pipeline.py) in one child: synthetic
     JPEGs written into the scratch folder, each pipeline's loader alone, each model's step, the
     GPU-hours of a figure-3 trial from the slower of the two, and both together."""
+    if importlib.util.find_spec("torchvision") is None:
+        raise Skip("torchvision is not importable: ImageNet's folders and JPEG decoding need it "
+                   "(install the torchvision build that matches this torch)")
     plan = dict(check.plan["imagenet"])
     timeout = plan.pop("timeout")
     for row in check.worker("imagenet", dict(device=check.mode, folder=check.scratch, **plan), "imagenet",

@@ -77,14 +77,8 @@ def read_report(folder) -> dict:
 ABSENT_ON_A_GPU_BOX = ("ray", "hyperopt", "yaml", "mlflow", "wandb", "tensorboard", "moto", "boto3")
 _ABSENT = """import sys
 
-
-class Absent:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {absent!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (absent on a GPU box)", name=name)
-
-
-sys.meta_path.insert(0, Absent())
+for name in {absent!r}:  # `import name` then fails, and importlib.util.find_spec(name) is None
+    sys.modules[name] = None
 """
 
 
@@ -92,17 +86,19 @@ def without(folder, packages) -> dict[str, str]:
     """An environment whose Python processes cannot import `packages`."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
-        f.write(_ABSENT.format(absent=set(packages)))
+        f.write(_ABSENT.format(absent=tuple(packages)))
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
 
 
 def test_the_absent_packages_cannot_be_imported(tmp_path):
     env = without(tmp_path, ABSENT_ON_A_GPU_BOX)
-    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    try:\n        importlib.import_module(name)\n" \
-           "        print(name)\n    except ModuleNotFoundError:\n        pass\nimport torch, pyarrow, pandas"
+    code = "import importlib, importlib.util, sys\nfor name in sys.argv[1:]:\n    try:\n" \
+           "        importlib.import_module(name)\n        print(name, importlib.util.find_spec(name) is None)\n" \
+           "    except ModuleNotFoundError:\n        print('absent', importlib.util.find_spec(name) is None)\n" \
+           "import torch, pyarrow, pandas"
     out = subprocess.run([sys.executable, "-c", code, *ABSENT_ON_A_GPU_BOX, "json"], env=env, cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["json"]
+    assert out.splitlines() == ["absent True"] * len(ABSENT_ON_A_GPU_BOX) + ["json False"]
 
 
 @pytest.fixture(scope="module")
@@ -501,6 +497,15 @@ def test_packing_parts_stop_with_one_line_under_exclusive_process(gpu_check, tmp
     for name in ("packing", "figure2"):
         with pytest.raises(gpu_check.Skip, match="EXCLUSIVE_PROCESS: one process at a time"):
             next(gpu_check.PART_FUNCTIONS[name](check))
+
+
+def test_without_torchvision_the_imagenet_part_says_so(gpu_check, tmp_path, monkeypatch):
+    check = _check(gpu_check, tmp_path, parts={"imagenet"})
+    real = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchvision" else real(name, *a))
+    with pytest.raises(gpu_check.Skip, match="^torchvision is not importable: ImageNet's folders and JPEG"):
+        next(gpu_check.part_imagenet(check))
 
 
 # ----------------------------------------------------------------------------- torch.compile prerequisites
