@@ -327,10 +327,10 @@ def test_a_jpeg_the_device_decoder_fails_on_goes_to_pil(tmp_path, monkeypatch):
 
     monkeypatch.setattr(jpeg, "_decode_jpeg", fails_on_one)
     loaders = _device_loaders(tmp_path)
-    with pytest.warns(UserWarning, match=r"img3\.JPEG is the device decoder failed on it \(Error while decoding"):
+    with pytest.warns(UserWarning, match=r"img3\.JPEG is a JPEG the device decoder failed on \(Error while decoding"):
         labels = torch.cat([y for _, y in loaders.train])
     assert len(labels) == 11 and dict(loaders.train.decoded_by_pil) == {
-        "the device decoder failed on it (Error while decoding JPEG images: unsupported)": 1}
+        "a JPEG the device decoder failed on (Error while decoding JPEG images: unsupported)": 1}
 
 
 def test_the_trial_device_chooses_the_imagenet_decoder(tmp_path, monkeypatch):

@@ -154,7 +154,7 @@ def decode_batch(batch: EncodedBatch, device: torch.device) -> tuple[list[Tensor
                 try:
                     decoded += _decode_jpeg([batch.payloads[i]], device)
                 except RuntimeError as err:
-                    why = f"the device decoder failed on it ({str(err).splitlines()[0][:200]})"
+                    why = f"a JPEG the device decoder failed on ({str(err).splitlines()[0][:200]})"
                     refused.append((batch.names[i], why))
                     decoded.append(to_device(pil_rgb(batch.payloads[i].numpy().tobytes(), batch.names[i]), device))
         for i, image in zip(encoded, decoded):
