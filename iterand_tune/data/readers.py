@@ -221,8 +221,9 @@ def load_mnist(root: str | os.PathLike, *, download: bool = False) -> Arrays:
     files = [(os.path.join(raw, gz), os.path.join(raw, gz[:-3]), md5) for gz, md5 in tv.MNIST.resources]
     if download and not all(os.path.isfile(plain) for _, plain, _ in files):
         # torchvision keeps any official .gz already there and tries each mirror.
-        with _explained(f"could not download MNIST into {raw}", "check the internet connection, "
-                        f"or copy the four MNIST idx files into {raw}"), _locked(root, "mnist"):
+        with _explained(f"could not download MNIST from {' or '.join(tv.MNIST.mirrors)} into {raw}",
+                        f"check the internet connection, or copy the four MNIST idx files into {raw}"), \
+                _locked(root, "mnist"):
             tv.MNIST(root, train=False, download=True)
     for gz, plain, md5 in files:  # torchvision reads the unpacked files: unpack .gz files put there by hand
         if os.path.isfile(gz) and not os.path.isfile(plain):
