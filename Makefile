@@ -53,4 +53,4 @@ clean:
 GPU_PYTHON ?= python3
 .PHONY: gpu-check
 gpu-check:
-	PYTHONPATH=. $(GPU_PYTHON) benchmarks/gpu_check.py --out gpu-check
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) benchmarks/gpu_check.py --out gpu-check
