@@ -20,6 +20,7 @@ from torchvision.datasets import CIFAR10, CIFAR100, MNIST
 
 from iterand_tune import data
 from iterand_tune.data import readers
+from iterand_tune.data import cache as data_cache
 from iterand_tune.data import (
     DataError,
     dataset_info,
@@ -372,6 +373,7 @@ def test_second_load_reads_the_cache(tmp_path, monkeypatch, name):
     with monkeypatch.context() as m:
         _no_torchvision(m)
         m.setattr(readers, "FileLock", None)  # and no lock taken
+        m.setattr(data_cache, "FileLock", None)
         again = load(tmp_path)
         assert _same(first, again)
         assert all(t.is_contiguous() and t.numpy().flags.writeable for t in again)

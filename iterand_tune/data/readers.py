@@ -1,5 +1,5 @@
-"""Datasets read from their sources: CIFAR-10/100 and MNIST through torchvision's dataset classes,
-decoded once into <root>/iterand_cache/<name>.npz for every later trial; sklearn's digits; the ImageNet
+"""Datasets read from their sources: CIFAR-10/100 and MNIST through torchvision's dataset classes as
+they are, decoded once into a cache (cache.py) for every later trial; sklearn's digits; the ImageNet
 folder layout. Every user-fixable problem is a one-line DataError. The splits are cut in splits.py.
 """
 
@@ -10,8 +10,7 @@ import importlib.util
 import os
 import shutil
 import socket
-import uuid
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -21,17 +20,14 @@ from filelock import FileLock
 from torch import Tensor
 
 from ..vocabulary import DATASETS, DatasetInfo
+from .cache import Arrays, cached, decoded_once, valid, write_atomically
 
 IMAGENET_LAYOUT = "train/<class>/*.JPEG and val/<class>/*.JPEG"
 DOWNLOAD_TIMEOUT_S = 60.0  # a node behind a silent firewall fails in a minute instead of hanging
-CACHE_DIR = "iterand_cache"
-_KEYS = ("train_x", "train_y", "test_x", "test_y")  # the arrays of a cache file, as a loader returns them
 
 _DOWNLOAD = ("pass --download (dataset_download=True) on a machine with internet, "
              "or point --data-dir at a folder that has it")
 _REDOWNLOAD = "delete it and run again with --download (dataset_download=True)"
-
-Arrays = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 class DataError(Exception):
@@ -78,7 +74,7 @@ def _torchvision() -> Any:
 
 
 @contextmanager
-def _locked(root: str, name: str) -> Iterator[None]:
+def _download_lock(root: str, name: str) -> Iterator[None]:
     """A file lock in `root`, so that concurrent trials on a node download once, and a socket timeout,
     since torchvision's downloads take none themselves."""
     os.makedirs(root, exist_ok=True)
@@ -91,72 +87,9 @@ def _locked(root: str, name: str) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
-def _write_atomically(path: str, write: Callable[[Any], Any]) -> None:
-    # Into a temporary file renamed onto `path`: a reader sees the old file or the whole new one.
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def _check(x: np.ndarray, y: np.ndarray, num_classes: int, shape: tuple, images: str, labels: str) -> None:
-    if x.dtype != np.uint8 or x.shape[1:] != shape:
-        raise DataError(f"{images} holds {x.dtype} images of {list(x.shape[1:])}, "
-                        f"expected uint8 {list(shape)}: {_REDOWNLOAD}")
-    if y.dtype.kind not in "iu" or y.shape != (len(x),) or (y.size and (y.min() < 0 or y.max() >= num_classes)):
-        raise DataError(f"{labels} does not match {images} (label count or range): {_REDOWNLOAD}")
-
-
 def _official(path: str, md5: str) -> None:
     if not _torchvision().utils.check_integrity(path, md5):
         raise DataError(f"{path} fails its md5 check (corrupt or not the official file): {_REDOWNLOAD}")
-
-
-# The cache, <root>/iterand_cache/<name>.npz: uint8 NCHW images, int64 labels, and the size and mtime of
-# the files they were decoded from (paths relative to root, so that a moved data folder keeps its cache).
-
-
-def _stamps(root: str, sources: Any) -> np.ndarray:
-    return np.array([(s.st_size, s.st_mtime_ns) for s in (os.stat(os.path.join(root, p)) for p in sources)])
-
-
-def _from_cache(root: str, name: str, num_classes: int) -> Arrays | None:
-    path = os.path.join(root, CACHE_DIR, f"{name}.npz")
-    try:
-        with np.load(path, allow_pickle=False) as f:  # a zip: its CRCs catch damaged bytes as well
-            arrays = [f[k] for k in _KEYS]
-            fresh = np.array_equal(_stamps(root, f["sources"]), f["stamps"])
-        for x, y in (arrays[:2], arrays[2:]):
-            _check(x, y, num_classes, (3, 32, 32), path, path)
-    except Exception:  # missing, truncated, damaged, or not what this code writes: decoded again
-        return None
-    return tuple(map(torch.from_numpy, arrays)) if fresh else None
-
-
-def _decode_once(root: str, name: str, num_classes: int, sources: list[str], decode: Callable[[], list]) -> Arrays:
-    """decode()'s arrays, written to the cache under a lock, so that concurrent trials decode once."""
-    path = os.path.join(root, CACHE_DIR, f"{name}.npz")
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        lock = FileLock(path + ".lock")
-        lock.acquire()
-    except OSError:  # a read-only data folder: every trial decodes, as before the cache
-        return tuple(map(torch.from_numpy, decode()))
-    try:
-        if (cached := _from_cache(root, name, num_classes)) is not None:  # written while we waited
-            return cached
-        sources = [os.path.relpath(p, root) for p in sources]
-        stamps = _stamps(root, sources)  # before decoding: a file changed meanwhile leaves a stale cache
-        arrays = decode()
-        with suppress(OSError):  # a full disk costs the next trial a decode, not this one its data
-            _write_atomically(path, lambda f: np.savez(f, **dict(zip(_KEYS, arrays)), sources=sources, stamps=stamps))
-        return tuple(map(torch.from_numpy, arrays))
-    finally:
-        lock.release()
 
 
 # CIFAR-10 / CIFAR-100, MNIST
@@ -166,8 +99,8 @@ def _load_cifar(
     cls_name: str, title: str, num_classes: int, root: str | os.PathLike, download: bool
 ) -> Arrays:
     root, name = resolve_root(root), cls_name.lower()
-    if (cached := _from_cache(root, name, num_classes)) is not None:
-        return cached
+    if (arrays := cached(root, name, num_classes)) is not None:
+        return arrays
     tv = _torchvision()
     cls = getattr(tv, cls_name)
     files = cls.train_list + cls.test_list + [(cls.meta["filename"], cls.meta["md5"])]
@@ -175,7 +108,7 @@ def _load_cifar(
     if download and not all(map(os.path.isfile, paths)):
         # torchvision skips the archive when another process finished it while we waited for the lock.
         with _explained(f"could not download {title} from {cls.url} into {root}", "check the internet connection, "
-                        f"or download {cls.filename} by hand and unpack it in {root}"), _locked(root, title.lower()):
+                        f"or download {cls.filename} by hand and unpack it in {root}"), _download_lock(root, name):
             cls(root, train=False, download=True)
     gone = [f"{cls.base_folder}/{n}" for (n, _), p in zip(files, paths) if not os.path.isfile(p)]
     if len(gone) == len(files):
@@ -197,7 +130,7 @@ def _load_cifar(
         return [a for s in sets
                 for a in (np.ascontiguousarray(s.data.transpose(0, 3, 1, 2)), np.array(s.targets, np.int64))]
 
-    return _decode_once(root, name, num_classes, paths, decode)
+    return decoded_once(root, name, num_classes, paths, decode)
 
 
 def load_cifar10(root: str | os.PathLike, *, download: bool = False) -> Arrays:
@@ -214,8 +147,8 @@ def load_cifar100(root: str | os.PathLike, *, download: bool = False) -> Arrays:
 def load_mnist(root: str | os.PathLike, *, download: bool = False) -> Arrays:
     """MNIST from root/MNIST/raw idx files (.gz or unpacked); 28x28 zero-padded to 32x32, grey -> 3 channels."""
     root, name = resolve_root(root), "mnist"
-    if (cached := _from_cache(root, name, 10)) is not None:
-        return cached
+    if (arrays := cached(root, name, 10)) is not None:
+        return arrays
     tv = _torchvision()
     raw = os.path.join(root, "MNIST", "raw")
     files = [(os.path.join(raw, gz), os.path.join(raw, gz[:-3]), md5) for gz, md5 in tv.MNIST.resources]
@@ -223,13 +156,13 @@ def load_mnist(root: str | os.PathLike, *, download: bool = False) -> Arrays:
         # torchvision keeps any official .gz already there and tries each mirror.
         with _explained(f"could not download MNIST from {' or '.join(tv.MNIST.mirrors)} into {raw}",
                         f"check the internet connection, or copy the four MNIST idx files into {raw}"), \
-                _locked(root, "mnist"):
+                _download_lock(root, name):
             tv.MNIST(root, train=False, download=True)
     for gz, plain, md5 in files:  # torchvision reads the unpacked files: unpack .gz files put there by hand
         if os.path.isfile(gz) and not os.path.isfile(plain):
             _official(gz, md5)  # torchvision checks the md5s of its own downloads only
             with _explained(f"cannot unpack {gz}", f"gunzip it by hand, or {_REDOWNLOAD}"), gzip.open(gz) as f:
-                _write_atomically(plain, lambda out: shutil.copyfileobj(f, out))
+                write_atomically(plain, lambda out: shutil.copyfileobj(f, out))
     gone = [os.path.basename(gz) for gz, plain, _ in files if not os.path.isfile(plain)]
     if gone:
         raise DataError(f"MNIST not found in {root} (missing MNIST/raw/{', '.join(gone)}, expected MNIST/raw/"
@@ -241,12 +174,14 @@ def load_mnist(root: str | os.PathLike, *, download: bool = False) -> Arrays:
             with _explained(f"{img} or {lbl} is unreadable",  # torchvision reads the two together: name both
                             "delete both and run again with --download (dataset_download=True)"):
                 ds = tv.MNIST(root, train=train)
-            _check(ds.data.numpy(), ds.targets.numpy(), 10, (28, 28), img, lbl)
-            x = F.pad(ds.data.unsqueeze(1), (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()
-            out += [x.numpy(), ds.targets.numpy()]
+            x = F.pad(ds.data.unsqueeze(1), (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous().numpy()
+            if not valid(x, ds.targets.numpy(), 10):
+                raise DataError(f"{lbl} does not match {img} (label count or range, or images not 28x28): "
+                                "delete both and run again with --download (dataset_download=True)")
+            out += [x, ds.targets.numpy()]
         return out
 
-    return _decode_once(root, name, 10, [plain for _, plain, _ in files], decode)
+    return decoded_once(root, name, 10, [plain for _, plain, _ in files], decode)
 
 
 # sklearn digits
