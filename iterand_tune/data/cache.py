@@ -40,6 +40,10 @@ def write_atomically(path: str, write: Callable[[Any], Any]) -> None:
             os.unlink(tmp)
 
 
+def _path(root: str, name: str) -> str:
+    return os.path.join(root, CACHE_DIR, f"{name}.npz")
+
+
 def _stamps(root: str, sources: Any) -> np.ndarray:
     return np.array([(s.st_size, s.st_mtime_ns) for s in (os.stat(os.path.join(root, p)) for p in sources)])
 
@@ -47,7 +51,7 @@ def _stamps(root: str, sources: Any) -> np.ndarray:
 def cached(root: str, name: str, num_classes: int) -> Arrays | None:
     """The cached arrays of dataset `name` in `root`, or None unless the cache is whole, valid and fresh."""
     try:
-        with np.load(os.path.join(root, CACHE_DIR, f"{name}.npz"), allow_pickle=False) as f:  # a zip: CRC-checked
+        with np.load(_path(root, name), allow_pickle=False) as f:  # a zip: CRC-checked
             arrays = [f[k] for k in KEYS]
             fresh = np.array_equal(_stamps(root, f["sources"]), f["stamps"])
     except Exception:  # missing, truncated, damaged, a source gone, or pickled objects
@@ -59,7 +63,7 @@ def cached(root: str, name: str, num_classes: int) -> Arrays | None:
 def decoded_once(root: str, name: str, num_classes: int, sources: list[str], decode: Callable[[], list]) -> Arrays:
     """decode()'s arrays (KEYS, numpy) decoded from the files `sources`, written to the cache under a lock,
     so that concurrent trials decode once; a trial that waited for the lock reads what the first wrote."""
-    path = os.path.join(root, CACHE_DIR, f"{name}.npz")
+    path = _path(root, name)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         lock = FileLock(path + ".lock")
